@@ -1,0 +1,135 @@
+"""Megatron-core GPTModel for (spec, topology, this rank), and loading its shard.
+
+The model is stock megatron-core (local spec: RMSNorm, SwiGLU, GQA, RoPE, TP linears) with
+one substitution: ``core_attention`` is our ``PagedAttention``.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .paged_attention import PagedAttention
+from .spec import ModelSpec
+from .topology import Topology
+
+log = logging.getLogger("remp.model")
+
+# A converted model dir: config.json, tokenizer files, and the dist-checkpoint in here.
+MEGATRON_SUBDIR = "megatron"
+# Our rank map (topology.py) is megatron's with data parallelism outermost.
+MEGATRON_ORDER = "tp-cp-ep-pp-dp"
+
+
+def megatron_config(spec: ModelSpec, topo: Topology, device: torch.device):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = spec.torch_dtype
+    return TransformerConfig(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.intermediate_size,
+        num_attention_heads=spec.num_heads,
+        num_query_groups=spec.num_kv_heads,
+        kv_channels=spec.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=spec.qkv_bias,
+        tensor_model_parallel_size=topo.tp,
+        pipeline_model_parallel_size=topo.pp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=device.type == "cpu",
+        perform_initialization=False,  # every parameter is loaded from the checkpoint
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # Fusions are CUDA kernels; the unfused paths are exact on every device.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def layer_spec():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec.submodules.self_attention.submodules.core_attention = PagedAttention
+    return spec
+
+
+def init_parallel_state(topo: Topology) -> None:
+    """Point megatron's parallel_state at ``topo`` (collective over the world)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=topo.tp,
+        pipeline_model_parallel_size=topo.pp,
+        order=MEGATRON_ORDER,
+        create_gloo_process_groups=False,
+    )
+    # The CUDA RNG tracker's seeding needs CUDA; the inference tracker does not (no dropout).
+    initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+def build_stage_model(spec: ModelSpec, topo: Topology, pp_stage: int, device: torch.device):
+    """This rank's GPTModel: its stage's layers and its TP slice, uninitialised."""
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    model = GPTModel(
+        config=megatron_config(spec, topo, device),
+        transformer_layer_spec=layer_spec(),
+        vocab_size=spec.vocab_size,
+        max_sequence_length=spec.max_position_embeddings,
+        pre_process=pp_stage == 0,
+        post_process=pp_stage == topo.pp - 1,
+        parallel_output=False,  # gather vocab-parallel logits on the last stage
+        share_embeddings_and_output_weights=spec.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=spec.rope_theta,
+    )
+    return model.to(device).eval()
+
+
+def load_stage_weights(model, model_dir: str | Path) -> float:
+    """Load exactly this rank's shard from a converted model dir; returns seconds.
+
+    Collective: every rank of the world calls it (standby ranks with ``model=None``).
+    """
+    from megatron.core import dist_checkpointing
+
+    t0 = time.perf_counter()
+    sharded = model.sharded_state_dict() if model is not None else {}
+    checkpoint_dir = Path(model_dir) / MEGATRON_SUBDIR
+    state = dist_checkpointing.load(sharded, str(checkpoint_dir))
+    if model is not None:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise RuntimeError(f"{checkpoint_dir}: missing {missing}, unexpected {unexpected}")
+    return time.perf_counter() - t0
+
+
+def rope_table(model, max_positions: int) -> torch.Tensor:
+    """Megatron's RoPE frequencies for positions [0, max_positions): [max_positions, 1, 1, dim]."""
+    return model.rotary_pos_emb(max_positions)
+
+
+def shared_output_weight(model) -> Optional[torch.Tensor]:
+    return model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None

@@ -1,0 +1,75 @@
+"""Runtime: device and backend choice, and process-group init under torchrun.
+
+DeepSpeed's accelerator abstraction decides: ``cpu``/``gloo`` here, ``cuda``/``nccl`` on GPU
+hosts. Control messages (step plans, pause/resume) always go over a separate gloo group so
+they stay on the CPU whatever the data plane is.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("remp.runtime")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    control_group: dist.ProcessGroup
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+
+def accelerator() -> tuple[str, str]:
+    """(device type, communication backend) from DeepSpeed's accelerator."""
+    # deepspeed.accelerator is cheap to import; deepspeed.init_distributed() is not (it
+    # JIT-compiles a shm op on CPU), so we never call it.
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    return acc.device_name(), acc.communication_backend_name()
+
+
+def init_distributed(timeout_s: float = 300.0) -> Runtime:
+    """Initialise torch.distributed from torchrun's environment (or a 1-rank world)."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device_type, backend = accelerator()
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device(device_type)
+    if device.type == "cpu":
+        from . import cpu_compat
+
+        cpu_compat.apply_all()
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:  # a single process outside torchrun (tools, tests)
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
+    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+    log.info("rank %d/%d device=%s backend=%s", rank, world, device, backend)
+    return Runtime(rank, world, local_rank, device, backend, control)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

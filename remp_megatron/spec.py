@@ -1,0 +1,132 @@
+"""ModelSpec: the architecture facts we need, read from an HF ``config.json``.
+
+Everything downstream (megatron config, topology validation, KV cache sizing, conversion)
+reads this one validated value instead of poking at raw HF configs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, model_validator
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+# Our field name -> the config.json field it came from, so errors name what the user wrote.
+_HF_FIELD = {
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "eos_token_ids": "eos_token_id",
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SpecError(ValueError):
+    """A config.json we cannot serve; the message names the file and the field."""
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    architecture: Literal["llama", "mistral", "qwen2"]
+    vocab_size: PositiveInt
+    hidden_size: PositiveInt
+    intermediate_size: PositiveInt
+    num_layers: PositiveInt
+    num_heads: PositiveInt
+    num_kv_heads: PositiveInt
+    head_dim: PositiveInt
+    rope_theta: float
+    rms_norm_eps: float
+    max_position_embeddings: PositiveInt
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    eos_token_ids: tuple[int, ...] = ()
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ModelSpec":
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_key_value_heads={self.num_kv_heads} must divide "
+                f"num_attention_heads={self.num_heads}"
+            )
+        return self
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V for every layer and KV head of one token, whole model."""
+        elem = torch.tensor([], dtype=self.torch_dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelSpec":
+        def fail(field: str, why: str) -> SpecError:
+            return SpecError(f"{source}: field '{field}': {why}")
+
+        archs = cfg.get("architectures") or []
+        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise fail(
+                "architectures",
+                f"{archs or 'missing'} is not supported (supported: {sorted(SUPPORTED_ARCHITECTURES)})",
+            )
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise fail("hidden_act", f"{cfg['hidden_act']!r} is not supported (only 'silu' / SwiGLU)")
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise fail("rope_parameters", f"rope_type {rope_type!r} is not supported (only 'default')")
+        for flag in ("mlp_bias",) + (("attention_bias",) if arch != "qwen2" else ()):
+            if cfg.get(flag):
+                raise fail(flag, "biases outside Qwen2's QKV bias are not supported")
+        sliding = cfg.get("use_sliding_window", cfg.get("sliding_window") is not None)
+        if arch in ("mistral", "qwen2") and sliding and cfg.get("sliding_window") is not None:
+            raise fail("sliding_window", f"{cfg['sliding_window']} set; sliding-window attention is not supported")
+        dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").replace("torch.", "")
+        eos = cfg.get("eos_token_id")
+        heads = cfg.get("num_attention_heads")
+        values = dict(
+            architecture=arch,
+            vocab_size=cfg.get("vocab_size"),
+            hidden_size=cfg.get("hidden_size"),
+            intermediate_size=cfg.get("intermediate_size"),
+            num_layers=cfg.get("num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads and cfg.get("hidden_size") else None),
+            rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=cfg.get("max_position_embeddings"),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "qwen2",
+            dtype=dtype,
+            eos_token_ids=tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []),
+        )
+        try:
+            return cls(**values)
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = _HF_FIELD.get(str(err["loc"][0]), str(err["loc"][0])) if err["loc"] else "config"
+            raise SpecError(f"{source}: field '{field}': {err['msg']}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelSpec":
+        path = Path(path)
+        try:
+            cfg = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise SpecError(f"{path}: file not found") from None
+        except json.JSONDecodeError as e:
+            raise SpecError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf_config(cfg, source=str(path))
