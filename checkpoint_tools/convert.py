@@ -31,10 +31,14 @@ from .sources import ConversionError, copy_tokenizer_files, open_source
 SHARD_BYTES = 2 * 1024**3  # HF-style shard size for exported safetensors
 
 
-@contextlib.contextmanager
-def _atomic_dir(out: Path) -> Iterator[Path]:
+def _check_free(out: Path) -> None:
     if out.exists():
         raise ConversionError(f"{out}: already exists (refusing to overwrite)")
+
+
+@contextlib.contextmanager
+def _atomic_dir(out: Path) -> Iterator[Path]:
+    _check_free(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -56,8 +60,7 @@ def _tp1pp1_model(spec: ModelSpec):
 
 
 def import_model(src: str | Path, out: str | Path) -> ModelSpec:
-    from megatron.core import dist_checkpointing
-
+    _check_free(Path(out))
     source = open_source(src)
     spec = ModelSpec.from_hf_config(source.config, source=f"{src} (config)")
     model = _tp1pp1_model(spec)
@@ -84,6 +87,8 @@ def import_model(src: str | Path, out: str | Path) -> ModelSpec:
     extra = sorted(n for n in source.names - used if not ignorable_hf_tensor(n, spec))
     if extra:
         raise ConversionError(f"{src}: unexpected tensor(s) for {spec.architecture}: {extra[:5]}")
+    from megatron.core import dist_checkpointing
+
     out = Path(out)
     with _atomic_dir(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(source.config, indent=2))
@@ -99,13 +104,13 @@ def export_model(src: str | Path, out: str | Path) -> ModelSpec:
 
     from remp_megatron.model import load_stage_weights
 
-    src = Path(src)
+    src, out = Path(src), Path(out)
+    _check_free(out)
     spec = _spec_of(src)
     model = _tp1pp1_model(spec)
     with _progress("loading megatron dist-checkpoint"):
         load_stage_weights(model, src)
     params = model.state_dict()
-    out = Path(out)
     with _atomic_dir(out) as tmp:
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0

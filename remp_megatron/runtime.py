@@ -62,7 +62,7 @@ def init_distributed(timeout_s: float = 300.0) -> Runtime:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
-    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+    control = dist.new_group(backend="gloo", timeout=timeout)
     log.info("rank %d/%d device=%s backend=%s", rank, world, device, backend)
     return Runtime(rank, world, local_rank, device, backend, control)
 

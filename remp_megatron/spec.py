@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, ValidationInfo, field_validator
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -50,14 +50,13 @@ class ModelSpec(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     eos_token_ids: tuple[int, ...] = ()
 
-    @model_validator(mode="after")
-    def _check_shapes(self) -> "ModelSpec":
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_key_value_heads={self.num_kv_heads} must divide "
-                f"num_attention_heads={self.num_heads}"
-            )
-        return self
+    @field_validator("num_kv_heads")
+    @classmethod
+    def _kv_heads_divide_heads(cls, v: int, info: ValidationInfo) -> int:
+        heads = info.data.get("num_heads")
+        if heads and heads % v:
+            raise ValueError(f"num_key_value_heads={v} must divide num_attention_heads={heads}")
+        return v
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -35,6 +35,8 @@ class Topology:
             raise TopologyError(f"{self}: tp={self.tp} must divide num_attention_heads={spec.num_heads}")
         if spec.num_kv_heads % self.tp:
             raise TopologyError(f"{self}: tp={self.tp} must divide num_key_value_heads={spec.num_kv_heads}")
+        if spec.vocab_size % self.tp:  # megatron's vocab-parallel embedding splits rows evenly
+            raise TopologyError(f"{self}: tp={self.tp} must divide vocab_size={spec.vocab_size}")
         if spec.num_layers % self.pp:
             raise TopologyError(f"{self}: pp={self.pp} must divide num_hidden_layers={spec.num_layers}")
         if self.size > world_size:

@@ -1,8 +1,9 @@
-"""torchrun world for parity tests: full-sequence logits of each prompt, per model and topology.
+"""torchrun world for parity tests, per model and topology: full-sequence logits of each
+prompt and (with --greedy N) N greedy tokens per prompt.
 
 One world serves every (model, topology) case: parallel state is re-initialised in place.
-Writes {out}/{model_name}__tp{T}pp{P}.pt (a list of [len, vocab] tensors) from rank 0... of
-the last stage.
+The last stage's TP rank 0 writes {out}/{model}__tp{T}pp{P}.pt: {"logits": [[len, vocab]...],
+"greedy": [[N ids]...]}.
 """
 import argparse
 import json
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from remp_megatron.generate import block_tables_for, greedy_generate
 from remp_megatron.model_runner import load_runner
 from remp_megatron.paged_attention import AttentionMetadata
 from remp_megatron.runtime import init_distributed
@@ -25,6 +27,7 @@ def main():
     p.add_argument("--topologies", nargs="+", required=True)
     p.add_argument("--prompts", required=True, help="json: list of token-id lists")
     p.add_argument("--out", required=True)
+    p.add_argument("--greedy", type=int, default=0)
     args = p.parse_args()
     rt = init_distributed()
     prompts = json.loads(Path(args.prompts).read_text())
@@ -33,20 +36,20 @@ def main():
         for t in args.topologies:
             topo = Topology.parse(t)
             topo.validate(spec, rt.world_size)
-            tables, next_block = [], 0
-            for ids in prompts:
-                n = -(-len(ids) // BLOCK)
-                tables.append(list(range(next_block, next_block + n)))
-                next_block += n
-            runner = load_runner(spec, model_dir, topo, rt.rank, rt.device, next_block, BLOCK)
-            if runner is None:
-                continue
-            meta = AttentionMetadata.build([0] * len(prompts), [len(x) for x in prompts], tables, BLOCK, rt.device)
-            ids = torch.tensor([i for x in prompts for i in x])
-            logits = runner.forward(ids, meta, torch.arange(len(ids)))
-            if runner.is_last and runner.tp_rank == 0:
-                out = list(torch.split(logits, [len(x) for x in prompts]))
-                torch.save(out, Path(args.out) / f"{Path(model_dir).name}__tp{topo.tp}pp{topo.pp}.pt")
+            lengths = [len(x) + args.greedy for x in prompts]
+            tables = block_tables_for(lengths, BLOCK)
+            runner = load_runner(spec, model_dir, topo, rt.rank, rt.device, sum(map(len, tables)), BLOCK)
+            result = {}
+            if runner is not None:
+                meta = AttentionMetadata.build([0] * len(prompts), [len(x) for x in prompts], tables, BLOCK, rt.device)
+                ids = torch.tensor([i for x in prompts for i in x])
+                logits = runner.forward(ids, meta, torch.arange(len(ids)))
+                if logits is not None:
+                    result["logits"] = list(torch.split(logits, [len(x) for x in prompts]))
+            if args.greedy:
+                result["greedy"] = greedy_generate(runner, topo, rt.control_group, prompts, args.greedy)
+            if runner is not None and runner.is_last and runner.tp_rank == 0:
+                torch.save(result, Path(args.out) / f"{Path(model_dir).name}__tp{topo.tp}pp{topo.pp}.pt")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

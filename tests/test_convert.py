@@ -1,0 +1,142 @@
+"""remp-convert: round trips, inspect, and every bad-input case (real files, real CLI)."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import convert
+
+
+def hf_tensors(d: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("which", ["llama", "qwen2"])
+def test_round_trip_is_bit_identical(which, request, tmp_path):
+    src = request.getfixturevalue(f"{which}_hf")
+    mg = request.getfixturevalue(f"{which}_mg")
+    convert("export", mg, tmp_path / "back")
+    a, b = hf_tensors(src), hf_tensors(tmp_path / "back")
+    assert set(a) == set(b) and a
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    assert json.loads((tmp_path / "back" / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+
+
+def test_sharded_source_was_really_sharded(qwen2_hf):
+    assert len(list(qwen2_hf.glob("*.safetensors"))) > 1 and (qwen2_hf / "model.safetensors.index.json").exists()
+
+
+def test_inspect_reports_architecture_and_parameters(llama_hf, llama_mg):
+    out = convert("inspect", llama_mg).stdout
+    n = sum(t.numel() for t in hf_tensors(llama_hf).values())
+    assert "architecture  llama" in out and f"parameters    {n:,}" in out and "dtype         float32" in out
+    assert "decoder.layers.self_attention.linear_qkv.weight" in out
+
+
+def test_gguf_import_carries_tokenizer_and_config(smol_mg):
+    from transformers import AutoTokenizer
+
+    cfg = json.loads((smol_mg / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["tie_word_embeddings"] is True
+    tok = AutoTokenizer.from_pretrained(str(smol_mg))
+    assert len(tok) == 49152 and tok.chat_template
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_config(d: Path, **over) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(over)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _rewrite_tensors(d: Path, fn) -> None:
+    f = d / "model.safetensors"
+    save_file(fn(load_file(f)), f, metadata={"format": "pt"})
+
+
+def _case(name: str, llama_hf: Path, smol_gguf: Path, tmp: Path) -> tuple[Path, str]:
+    """Build a bad input; return (src, text the error must contain)."""
+    if name == "missing-src":
+        return tmp / "nope", "no such file or directory"
+    if name == "no-config":
+        d = tmp / "noconfig"
+        d.mkdir()
+        return d, "config.json: missing"
+    if name == "no-weights":
+        d = tmp / "noweights"
+        d.mkdir()
+        shutil.copy(llama_hf / "config.json", d)
+        return d, "no *.safetensors files"
+    if name == "unsupported-arch":
+        d = _copy(llama_hf, tmp / "arch")
+        _edit_config(d, architectures=["GPT2LMHeadModel"])
+        return d, "field 'architectures'"
+    if name == "shape-mismatch":
+        d = _copy(llama_hf, tmp / "shape")
+        _edit_config(d, intermediate_size=96)
+        return d, "mlp.gate_proj.weight"
+    if name == "missing-tensor":
+        d = _copy(llama_hf, tmp / "missing")
+        _rewrite_tensors(d, lambda t: {k: v for k, v in t.items() if k != "model.layers.3.mlp.up_proj.weight"})
+        return d, "tensor 'model.layers.3.mlp.up_proj.weight' missing"
+    if name == "extra-tensor":
+        d = _copy(llama_hf, tmp / "extra")
+        _rewrite_tensors(d, lambda t: {**t, "model.layers.0.self_attn.q_norm.weight": torch.ones(8)})
+        return d, "unexpected tensor"
+    if name == "truncated-safetensors":
+        d = _copy(llama_hf, tmp / "trunc")
+        f = d / "model.safetensors"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        return d, "model.safetensors"
+    if name == "corrupt-gguf":
+        f = tmp / "broken.gguf"
+        f.write_bytes(smol_gguf.read_bytes()[:65536])
+        return f, "broken.gguf: not a readable GGUF file"
+    if name == "not-a-model":
+        f = tmp / "weights.bin"
+        f.write_bytes(b"\0" * 16)
+        return f, "expected an HF model directory or a .gguf file"
+    raise KeyError(name)
+
+
+BAD = ["missing-src", "no-config", "no-weights", "unsupported-arch", "shape-mismatch", "missing-tensor",
+       "extra-tensor", "truncated-safetensors", "corrupt-gguf", "not-a-model"]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_gives_one_clear_line_and_no_output(case, llama_hf, smol_gguf, tmp_path):
+    src, expected = _case(case, llama_hf, smol_gguf, tmp_path)
+    out_parent = tmp_path / "outputs"
+    out_parent.mkdir()
+    proc = convert("import", src, out_parent / "out", check=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("remp-convert: error:")]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+    assert list(out_parent.iterdir()) == []  # neither OUT nor a partial temp dir
+
+
+def test_existing_output_is_not_overwritten(llama_hf, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = convert("import", llama_hf, out, check=False)
+    assert proc.returncode != 0 and "already exists" in proc.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_export_rejects_unconverted_dir(llama_hf, tmp_path):
+    proc = convert("export", llama_hf, tmp_path / "x", check=False)
+    assert proc.returncode != 0 and "not a converted model directory" in proc.stderr
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,100 @@
+"""ModelSpec and Topology: pure validation, no world."""
+import json
+
+import pytest
+
+from remp_megatron.spec import ModelSpec, SpecError
+from remp_megatron.topology import Topology, TopologyError
+
+LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+    "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0},
+    "tie_word_embeddings": False, "dtype": "float32", "eos_token_id": 2,
+}
+
+
+def spec(**over):
+    return ModelSpec.from_hf_config({**LLAMA, **over})
+
+
+def test_llama_fields():
+    s = spec()
+    assert (s.architecture, s.num_layers, s.num_heads, s.num_kv_heads, s.head_dim) == ("llama", 8, 8, 4, 8)
+    assert s.rope_theta == 50000.0 and not s.qkv_bias and s.eos_token_ids == (2,)
+
+
+def test_legacy_rope_theta_and_explicit_head_dim():
+    cfg = {k: v for k, v in LLAMA.items() if k != "rope_parameters"}
+    s = ModelSpec.from_hf_config({**cfg, "rope_theta": 100000.0, "head_dim": 16})
+    assert s.rope_theta == 100000.0 and s.head_dim == 16
+
+
+def test_qwen2_has_qkv_bias_and_mistral_without_window():
+    assert spec(architectures=["Qwen2ForCausalLM"], use_sliding_window=False, sliding_window=4096).qkv_bias
+    assert spec(architectures=["MistralForCausalLM"], sliding_window=None).architecture == "mistral"
+
+
+@pytest.mark.parametrize(
+    "over, field",
+    [
+        ({"architectures": ["GPT2LMHeadModel"]}, "architectures"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}}, "rope_parameters"),
+        ({"architectures": ["MistralForCausalLM"], "sliding_window": 4096}, "sliding_window"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"num_hidden_layers": None}, "num_hidden_layers"),
+        ({"vocab_size": -3}, "vocab_size"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads"),
+        ({"dtype": "int8"}, "dtype"),
+    ],
+)
+def test_bad_config_names_the_field(over, field):
+    with pytest.raises(SpecError, match=f"field '{field}'"):
+        spec(**over)
+
+
+def test_from_file_errors_name_the_file(tmp_path):
+    with pytest.raises(SpecError, match="file not found"):
+        ModelSpec.from_file(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(SpecError, match="config.json: not valid JSON"):
+        ModelSpec.from_file(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))
+    assert ModelSpec.from_file(tmp_path / "config.json").num_layers == 8
+
+
+@pytest.mark.parametrize(
+    "tp, pp, world, constraint",
+    [
+        (3, 1, 4, "must divide num_attention_heads"),
+        (8, 1, 8, "must divide num_key_value_heads"),
+        (1, 3, 4, "must divide num_hidden_layers"),
+        (2, 4, 4, "exceeds world size"),
+        (1, 2, 3, "must divide world size"),
+        (0, 1, 4, ">= 1"),
+        (4, 1, 4, "must divide vocab_size"),
+    ],
+)
+def test_impossible_topology_names_constraint(tp, pp, world, constraint):
+    with pytest.raises(TopologyError, match=constraint):
+        Topology(tp, pp).validate(spec(vocab_size=258 if "vocab" in constraint else 256), world)
+
+
+def test_rank_map_and_standby():
+    t = Topology(2, 2)
+    assert [t.coords(r) for r in range(4)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert t.rank_of(1, 0) == 2
+    assert Topology(1, 2).coords(3) is None  # standby
+    assert list(t.stage_layers(8, 1)) == [4, 5, 6, 7]
+    assert list(t.kv_heads(4, 1)) == [2, 3]
+
+
+@pytest.mark.parametrize("text", ["2x2", "tp2pp2", "TP2·PP2"])
+def test_parse(text):
+    assert Topology.parse(text) == Topology(2, 2)
+
+
+def test_parse_error():
+    with pytest.raises(TopologyError, match="cannot parse"):
+        Topology.parse("two by two")
