@@ -3,7 +3,8 @@
 Tokens of all sequences in a step are packed along megatron's sequence axis ([T, 1, hidden]);
 PagedAttention keeps the sequences apart. Stage s receives hidden states from the same TP
 rank of stage s-1 and sends to stage s+1 (point-to-point on the data-plane backend); the last
-stage turns the requested rows into full-vocabulary logits (megatron gathers the TP shards).
+stage turns the sampled rows into full-vocabulary logits (megatron gathers the TP shards) and
+its TP rank 0 sends them to the driver (rank 0), which samples.
 """
 from __future__ import annotations
 
@@ -15,8 +16,12 @@ import torch.distributed as dist
 from .kv_cache import KVCache
 from .model import rope_table, shared_output_weight
 from .paged_attention import AttentionMetadata, forward_context
+from .scheduler import StepPlan
 from .spec import ModelSpec
 from .topology import Topology
+
+
+_LOGITS_TAG = 1 << 20  # tag space for last stage -> driver logits, apart from activations
 
 
 class ModelRunner:
@@ -24,6 +29,7 @@ class ModelRunner:
         coords = topo.coords(rank)
         assert coords is not None, f"rank {rank} is standby at {topo}"
         self.spec, self.topo, self.model, self.kv, self.device = spec, topo, model, kv, device
+        self.rank = rank
         self.pp_stage, self.tp_rank = coords
         self.is_first = self.pp_stage == 0
         self.is_last = self.pp_stage == topo.pp - 1
@@ -32,32 +38,56 @@ class ModelRunner:
         self.rope = rope_table(model, spec.max_position_embeddings)
 
     @torch.inference_mode()
-    def forward(
-        self, token_ids: Optional[torch.Tensor], meta: AttentionMetadata, logit_rows: torch.Tensor
-    ) -> Optional[torch.Tensor]:
-        """Run this stage. Returns logits [len(logit_rows), vocab] on the last stage, else None.
+    def run_step(self, plan: StepPlan, driver: int = 0) -> Optional[torch.Tensor]:
+        """Execute one step on this rank. On the driver rank returns fp32 logits
+        [len(plan.logit_rows()), vocab] for the sampled rows; elsewhere None.
 
-        ``token_ids`` [T] is read only on the first stage; ``logit_rows`` indexes the packed
-        tokens whose next-token logits are wanted.
+        With PP>1 the batch is split into micro-batches so stage s works on micro-batch m+1
+        while stage s+1 works on m. Every send is non-blocking (waited at the end) so no
+        stage blocks its predecessor; tags keep micro-batches apart.
         """
-        n_tokens = meta.positions.numel()
+        mbs = plan.microbatches(self.topo.pp)
+        is_driver = self.rank == driver
+        pending: list = []
+        from_last: list[torch.Tensor] = []
+        if is_driver and not self.is_last:
+            src = self.topo.rank_of(self.topo.pp - 1, 0)
+            for i, mb in enumerate(mbs):
+                buf = torch.empty(len(mb.logit_rows()), self.spec.vocab_size, device=self.device)
+                pending.append(dist.irecv(buf, src=src, tag=_LOGITS_TAG + i))
+                from_last.append(buf)
+        results = []
+        for i, mb in enumerate(mbs):
+            meta = AttentionMetadata.build(mb.starts, mb.query_lens, mb.block_tables, self.kv.block_size, self.device)
+            hidden = self._stage_forward(mb, meta, tag=i)
+            if not self.is_last:
+                pending.append(dist.isend(hidden, dst=self.next_rank, tag=i))
+                continue
+            rows = torch.tensor(mb.logit_rows(), dtype=torch.long, device=self.device)
+            logits, _ = self.model.output_layer(hidden[rows], weight=shared_output_weight(self.model))
+            logits = logits[:, 0, :].float()
+            if is_driver:
+                results.append(logits)
+            elif self.tp_rank == 0:
+                pending.append(dist.isend(logits, dst=driver, tag=_LOGITS_TAG + i))
+        for work in pending:
+            work.wait()
+        if not is_driver:
+            return None
+        return torch.cat(from_last or results).cpu()
+
+    def _stage_forward(self, mb: StepPlan, meta: AttentionMetadata, tag: int) -> torch.Tensor:
         if self.is_first:
-            hidden = self.model.embedding(
-                input_ids=token_ids.to(self.device)[None], position_ids=meta.positions[None]
-            )
+            ids = torch.tensor(mb.token_ids, dtype=torch.long, device=self.device)
+            hidden = self.model.embedding(input_ids=ids[None], position_ids=meta.positions[None])
         else:
-            hidden = torch.empty(n_tokens, 1, self.spec.hidden_size, dtype=self.spec.torch_dtype, device=self.device)
-            dist.recv(hidden, src=self.prev_rank)
+            shape = (len(mb.token_ids), 1, self.spec.hidden_size)
+            hidden = torch.empty(shape, dtype=self.spec.torch_dtype, device=self.device)
+            dist.recv(hidden, src=self.prev_rank, tag=tag)
             self.model.set_input_tensor([hidden])
         with forward_context(meta, self.kv):
-            hidden = self.model.decoder(
-                hidden_states=hidden, attention_mask=None, rotary_pos_emb=self.rope[meta.positions]
-            )
-        if not self.is_last:
-            dist.send(hidden.contiguous(), dst=self.next_rank)
-            return None
-        logits, _ = self.model.output_layer(hidden[logit_rows.to(self.device)], weight=shared_output_weight(self.model))
-        return logits[:, 0, :].float()
+            out = self.model.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=self.rope[meta.positions])
+        return out.contiguous()
 
 
 def load_runner(

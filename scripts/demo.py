@@ -9,13 +9,12 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from remp_megatron.generate import greedy_generate
+from remp_megatron.engine import Engine, EngineConfig, worker_loop
 from remp_megatron.model_runner import load_runner
+from remp_megatron.request import Request, SamplingParams
 from remp_megatron.runtime import init_distributed
 from remp_megatron.spec import ModelSpec
 from remp_megatron.topology import Topology
-
-BLOCK = 16
 
 
 def main():
@@ -38,23 +37,29 @@ def main():
         topo = Topology.parse(t)
         topo.validate(spec, rt.world_size)
         t0 = time.perf_counter()
-        blocks = -(-(len(prompt) + args.max_new_tokens) // BLOCK)
-        runner = load_runner(spec, args.model, topo, rt.rank, rt.device, blocks, BLOCK)
+        cfg = EngineConfig(kv_budget_mb=32)
+        runner = load_runner(spec, args.model, topo, rt.rank, rt.device, cfg.blocks_for(spec, topo), cfg.block_size)
         t1 = time.perf_counter()
-        ids = greedy_generate(runner, topo, rt.control_group, [prompt], args.max_new_tokens)[0]
+        if rt.rank != 0:
+            worker_loop(runner, rt.control_group)
+            continue
+        engine = Engine(spec, topo, runner, rt.control_group, cfg, tok)
+        handle = engine.add_request(Request(request_id=t, prompt_token_ids=prompt,
+                                            params=SamplingParams(max_new_tokens=args.max_new_tokens)))
+        engine.run_until_idle()
+        engine.stop_workers()
+        answer = handle.result()
         t2 = time.perf_counter()
-        eos = [i for i, x in enumerate(ids) if x in spec.eos_token_ids]
-        answers[t] = ids[: eos[0]] if eos else ids
-        if rt.rank == 0:
-            print(f"[{topo}] build+load {t1 - t0:.2f}s, {len(ids)} greedy tokens in {t2 - t1:.2f}s "
-                  f"({len(ids) / (t2 - t1):.1f} tok/s)")
-            print(f"[{topo}] {tok.decode(answers[t])!r}", flush=True)
+        answers[t] = answer.token_ids
+        n = len(answer.token_ids)
+        print(f"[{topo}] build+load {t1 - t0:.2f}s, {n} greedy tokens in {t2 - t1:.2f}s ({n / (t2 - t1):.1f} tok/s)")
+        print(f"[{topo}] {answer.text!r} ({answer.finish_reason.value})", flush=True)
+    same = rt.rank != 0 or len({tuple(a) for a in answers.values()}) == 1
     if rt.rank == 0:
-        same = len({tuple(a) for a in answers.values()}) == 1
         print(f"answers identical across {', '.join(answers)}: {same}")
     dist.barrier()
     dist.destroy_process_group()
-    if rt.rank == 0 and not same:
+    if not same:
         raise SystemExit(1)
 
 

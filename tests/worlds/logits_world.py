@@ -2,8 +2,9 @@
 prompt and (with --greedy N) N greedy tokens per prompt.
 
 One world serves every (model, topology) case: parallel state is re-initialised in place.
-The last stage's TP rank 0 writes {out}/{model}__tp{T}pp{P}.pt: {"logits": [[len, vocab]...],
-"greedy": [[N ids]...]}.
+Rank 0 (the driver, which receives the last stage's logits) writes
+{out}/{model}__tp{T}pp{P}.pt: {"logits": [[len, vocab]...], "greedy": [[N ids]...]}; greedy
+decoding runs through the engine with EOS ignored.
 """
 import argparse
 import json
@@ -11,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from remp_megatron.generate import block_tables_for, greedy_generate
+from remp_megatron.engine import Engine, EngineConfig, worker_loop
 from remp_megatron.model_runner import load_runner
-from remp_megatron.paged_attention import AttentionMetadata
+from remp_megatron.request import Request, SamplingParams
+from remp_megatron.scheduler import StepPlan
 from remp_megatron.runtime import init_distributed
 from remp_megatron.spec import ModelSpec
 from remp_megatron.topology import Topology
@@ -36,19 +38,31 @@ def main():
         for t in args.topologies:
             topo = Topology.parse(t)
             topo.validate(spec, rt.world_size)
-            lengths = [len(x) + args.greedy for x in prompts]
-            tables = block_tables_for(lengths, BLOCK)
-            runner = load_runner(spec, model_dir, topo, rt.rank, rt.device, sum(map(len, tables)), BLOCK)
+            cfg = EngineConfig(block_size=BLOCK, num_blocks=sum(-(-(len(x) + args.greedy) // BLOCK) for x in prompts))
+            runner = load_runner(spec, model_dir, topo, rt.rank, rt.device, cfg.num_blocks, cfg.block_size)
             result = {}
             if runner is not None:
-                meta = AttentionMetadata.build([0] * len(prompts), [len(x) for x in prompts], tables, BLOCK, rt.device)
-                ids = torch.tensor([i for x in prompts for i in x])
-                logits = runner.forward(ids, meta, torch.arange(len(ids)))
+                # Every position's logits, prompts packed in one step (blocks after each other).
+                tables, nxt = [], 0
+                for x in prompts:
+                    k = -(-len(x) // BLOCK)
+                    tables.append(list(range(nxt, nxt + k)))
+                    nxt += k
+                plan = StepPlan([i for x in prompts for i in x], [0] * len(prompts), [len(x) for x in prompts],
+                                tables, [True] * len(prompts), all_logits=True)
+                logits = runner.run_step(plan)
                 if logits is not None:
                     result["logits"] = list(torch.split(logits, [len(x) for x in prompts]))
-            if args.greedy:
-                result["greedy"] = greedy_generate(runner, topo, rt.control_group, prompts, args.greedy)
-            if runner is not None and runner.is_last and runner.tp_rank == 0:
+            if args.greedy and rt.rank == 0:
+                engine = Engine(spec, topo, runner, rt.control_group, cfg)
+                handles = [engine.add_request(Request(request_id=str(i), prompt_token_ids=x, params=SamplingParams(
+                    max_new_tokens=args.greedy, ignore_eos=True))) for i, x in enumerate(prompts)]
+                engine.run_until_idle()
+                engine.stop_workers()
+                result["greedy"] = [h.result().token_ids for h in handles]
+            elif args.greedy:
+                worker_loop(runner, rt.control_group)
+            if rt.rank == 0:
                 torch.save(result, Path(args.out) / f"{Path(model_dir).name}__tp{topo.tp}pp{topo.pp}.pt")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

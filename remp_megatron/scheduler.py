@@ -1,0 +1,199 @@
+"""Continuous-batching scheduler (pure; rank 0 only).
+
+Each step: every running sequence continues (one decode token, or the next chunk of its
+prefill), then waiting sequences are admitted FIFO while the token budget, the batch limit
+and the free blocks allow. When a running sequence needs a block and none is free, the
+newest running sequence is preempted: its blocks are freed and it goes back to the front of
+the queue to be recomputed (prompt + output so far), never dropped.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .kv_cache import BlockAllocator
+from .request import Sequence, SequenceState, Status
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+class RequestTooLong(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_blocks: int
+    block_size: int = 16
+    max_num_seqs: int = 32
+    max_tokens_per_step: int = 256  # prefill chunking budget (decode tokens count too)
+    max_queue: int = 256
+    max_model_len: int = 2048
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    seq: Sequence
+    start: int  # first position computed this step
+    n: int  # tokens computed this step
+    sample: bool  # this chunk ends at the last token: sample the next one
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What every rank executes for one step (sent over the control group; small)."""
+
+    token_ids: list[int]  # new tokens of all sequences, packed
+    starts: list[int]
+    query_lens: list[int]
+    block_tables: list[list[int]]
+    sample: list[bool]
+    all_logits: bool = False  # logits for every packed row (parity checks), not just sampled ones
+
+    @classmethod
+    def of(cls, scheduled: list[Scheduled]) -> "StepPlan":
+        return cls(
+            token_ids=[t for s in scheduled for t in s.seq.tokens[s.start : s.start + s.n]],
+            starts=[s.start for s in scheduled],
+            query_lens=[s.n for s in scheduled],
+            block_tables=[list(s.seq.block_table) for s in scheduled],
+            sample=[s.sample for s in scheduled],
+        )
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.starts)
+
+    def logit_rows(self) -> list[int]:
+        """Packed row of each sampled sequence's last token (or every row with all_logits)."""
+        if self.all_logits:
+            return list(range(len(self.token_ids)))
+        rows, end = [], 0
+        for n, s in zip(self.query_lens, self.sample):
+            end += n
+            if s:
+                rows.append(end - 1)
+        return rows
+
+    def microbatches(self, k: int) -> list["StepPlan"]:
+        """Split into <= k contiguous groups of sequences with balanced token counts."""
+        k = max(1, min(k, self.num_seqs))
+        total, bounds, acc = sum(self.query_lens), [0], 0
+        for i, n in enumerate(self.query_lens):
+            acc += n
+            if len(bounds) < k and acc >= total * len(bounds) / k and i + 1 < self.num_seqs:
+                bounds.append(i + 1)
+        bounds.append(self.num_seqs)
+        offs = [0]
+        for n in self.query_lens:
+            offs.append(offs[-1] + n)
+        return [
+            StepPlan(
+                self.token_ids[offs[a] : offs[b]],
+                self.starts[a:b],
+                self.query_lens[a:b],
+                self.block_tables[a:b],
+                self.sample[a:b],
+                self.all_logits,
+            )
+            for a, b in zip(bounds, bounds[1:])
+            if b > a
+        ]
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig):
+        self.cfg = cfg
+        self.alloc = BlockAllocator(cfg.num_blocks, cfg.block_size)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def check(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Reject what can never run; raises RequestTooLong / QueueFull."""
+        total = prompt_len + max_new_tokens
+        if total > self.cfg.max_model_len:
+            raise RequestTooLong(
+                f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} = {total} "
+                f"exceeds the model context of {self.cfg.max_model_len} tokens"
+            )
+        if self.alloc.blocks_for(total) > self.cfg.num_blocks:
+            raise RequestTooLong(
+                f"{total} tokens need {self.alloc.blocks_for(total)} KV blocks; the cache has "
+                f"{self.cfg.num_blocks} in all"
+            )
+        if len(self.waiting) >= self.cfg.max_queue:
+            raise QueueFull(f"admission queue full ({self.cfg.max_queue} waiting)")
+
+    def add(self, seq: Sequence) -> None:
+        self.check(len(seq.prompt), seq.params.max_new_tokens)
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[Scheduled]:
+        budget = self.cfg.max_tokens_per_step
+        out: list[Scheduled] = []
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING or budget == 0:
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while not self._reserve(seq, seq.num_computed + n):
+                self._preempt(self.running[-1])
+                if seq.status is not Status.RUNNING:
+                    break
+            if seq.status is Status.RUNNING:
+                out.append(Scheduled(seq, seq.num_computed, n, seq.num_computed + n == seq.num_tokens))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens, budget)
+            if not self._reserve(seq, n):
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.append(Scheduled(seq, 0, n, n == seq.num_tokens))
+            budget -= n
+        return out
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a sequence (finished or cancelled) and free its blocks at once."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status = Status.FINISHED
+
+    def states(self) -> list[SequenceState]:
+        return [
+            SequenceState(s.request_id, s.status.name.lower(), list(s.prompt), list(s.output), s.num_computed,
+                          list(s.block_table), s.seed, s.params)
+            for s in [*self.running, *self.waiting]
+        ]
+
+    def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        need = self.alloc.blocks_for(num_tokens) - len(seq.block_table)
+        if need > self.alloc.num_free:
+            return False
+        if need > 0:
+            seq.block_table += self.alloc.allocate(need)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.alloc.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed = 0

@@ -1,0 +1,92 @@
+"""Scheduler, step plans and sampler: pure code, no world."""
+import pytest
+import torch
+
+from remp_megatron.request import SamplingParams, Sequence, Status
+from remp_megatron.sampler import sample_one
+from remp_megatron.scheduler import QueueFull, RequestTooLong, Scheduler, SchedulerConfig, StepPlan
+
+
+def seq(rid, n, max_new=4):
+    return Sequence(rid, list(range(1, n + 1)), SamplingParams(max_new_tokens=max_new), seed=0)
+
+
+def test_chunked_prefill_then_decode():
+    s = Scheduler(SchedulerConfig(num_blocks=16, block_size=4, max_tokens_per_step=6))
+    a = seq("a", 10)
+    s.add(a)
+    first = s.schedule()
+    assert [(x.start, x.n, x.sample) for x in first] == [(0, 6, False)]
+    a.num_computed = 6
+    second = s.schedule()
+    assert [(x.start, x.n, x.sample) for x in second] == [(6, 4, True)]
+    assert len(a.block_table) == 3  # ceil(10 / 4)
+
+
+def test_preempts_newest_and_requeues_it_first():
+    s = Scheduler(SchedulerConfig(num_blocks=4, block_size=4, max_tokens_per_step=64))
+    a, b = seq("a", 8), seq("b", 8)
+    s.add(a)
+    s.add(b)
+    s.schedule()
+    for x in (a, b):
+        x.num_computed = 8
+        x.output.append(5)  # both now need a 3rd block for their 9th token
+    out = s.schedule()
+    assert [x.seq.request_id for x in out] == ["a"]
+    assert b.status is Status.WAITING and s.waiting[0] is b and b.block_table == [] and b.num_computed == 0
+    assert s.num_preemptions == 1
+
+
+def test_finish_frees_blocks_at_once():
+    s = Scheduler(SchedulerConfig(num_blocks=8, block_size=4))
+    a = seq("a", 9)
+    s.add(a)
+    s.schedule()
+    assert s.alloc.num_free == 5
+    s.finish(a)
+    assert s.alloc.num_free == 8 and not s.has_work
+
+
+def test_limits():
+    s = Scheduler(SchedulerConfig(num_blocks=4, block_size=4, max_queue=1, max_model_len=32))
+    with pytest.raises(RequestTooLong, match="exceeds the model context of 32"):
+        s.check(30, 4)
+    with pytest.raises(RequestTooLong, match="KV blocks"):
+        s.check(16, 4)
+    s.add(seq("a", 4))
+    with pytest.raises(QueueFull):
+        s.add(seq("b", 4))
+
+
+def test_microbatches_cover_plan_in_order():
+    plan = StepPlan(list(range(20)), [0, 0, 5, 0], [8, 2, 1, 9], [[0], [1], [2], [3]], [True, True, True, False])
+    mbs = plan.microbatches(3)
+    assert 1 < len(mbs) <= 3
+    assert sum((m.token_ids for m in mbs), []) == plan.token_ids
+    assert sum((m.block_tables for m in mbs), []) == plan.block_tables
+    assert plan.logit_rows() == [7, 9, 10]
+    assert plan.microbatches(1) == [plan]
+
+
+def test_sampler_modes():
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0])
+    assert sample_one(logits, SamplingParams(), 0, 0) == 1
+    assert sample_one(logits, SamplingParams(temperature=1.0, top_k=1), 5, 0) == 1
+    assert sample_one(logits, SamplingParams(temperature=1.0, top_p=0.01), 5, 0) == 1
+    p = SamplingParams(temperature=1.0)
+    draws = [sample_one(logits, p, 42, i) for i in range(200)]
+    assert draws == [sample_one(logits, p, 42, i) for i in range(200)]  # seeded: reproducible
+    assert draws != [sample_one(logits, p, 43, i) for i in range(200)]
+    assert {1, 2} <= set(draws)  # both likely tokens appear
+    top2 = SamplingParams(temperature=1.0, top_k=2)
+    assert set(sample_one(logits, top2, 1, i) for i in range(100)) == {1, 2}
+
+
+def test_sampling_params_validation():
+    with pytest.raises(ValueError):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError):
+        SamplingParams(stop=[""])
+    with pytest.raises(ValueError):
+        SamplingParams(max_new_tokens=0)

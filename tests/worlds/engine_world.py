@@ -1,0 +1,131 @@
+"""torchrun world that runs engine scenarios at several topologies (one world for all).
+
+Input (--spec JSON): {"model": dir, "topologies": [...], "engine": {EngineConfig fields},
+"tokenizer": bool, "scenarios": [{"name", "engine": {overrides}, "requests": [{"id", "prompt"
+(ids), "params", "arrive"}], "cancel": {"id": step}, "pause_at": step}]}.
+Output (--out JSON, rank 0): {topology: {scenario: {"requests": {id: {tokens, text,
+finish_reason}}, "preemptions", "cancel", "pause"}}}.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from remp_megatron.engine import Engine, EngineConfig, exchange_command, worker_loop
+from remp_megatron.kv_cache import KVCache
+from remp_megatron.model_runner import load_runner
+from remp_megatron.request import Request, SamplingParams
+from remp_megatron.runtime import init_distributed
+from remp_megatron.scheduler import StepPlan
+from remp_megatron.spec import ModelSpec
+from remp_megatron.topology import Topology
+
+
+def drive(engine: Engine, sc: dict, rt) -> dict:
+    """Rank 0: feed requests at their arrival steps, apply cancels and the pause check."""
+    pending = sorted(sc["requests"], key=lambda r: r.get("arrive", 0))
+    handles, result, step = {}, {}, 0
+    while pending or engine.has_work:
+        while pending and pending[0].get("arrive", 0) <= step:
+            r = pending.pop(0)
+            handles[r["id"]] = engine.add_request(
+                Request(request_id=r["id"], prompt_token_ids=r["prompt"], params=SamplingParams(**r.get("params", {}))))
+        for rid, at in sc.get("cancel", {}).items():
+            if at == step:
+                before = engine.sched.alloc.num_free
+                held = len(engine._seqs[rid].block_table)
+                engine.cancel(rid)
+                result["cancel"] = {"held": held, "freed": engine.sched.alloc.num_free - before}
+        if sc.get("pause_at") == step:
+            state = engine.state()
+            engine.stop_workers()
+            result["pause"] = kv_check(engine.runner, rt, state, engine)
+        engine.step()
+        step += 1
+    engine.stop_workers()
+    result["requests"] = {}
+    for rid, h in handles.items():
+        c = h.result()
+        result["requests"][rid] = {"tokens": c.token_ids, "text": c.text, "finish_reason": c.finish_reason.value}
+    result["preemptions"] = engine.sched.num_preemptions
+    return result
+
+
+def kv_check(runner, rt, state=None, engine=None):
+    """Collective. For each running sequence at the pause point, recompute its cached tokens
+    into free scratch blocks and compare K/V there with K/V at its own block table."""
+    job = None
+    if rt.rank == 0:
+        free = list(engine.sched.alloc._free)
+        checks = []
+        for s in state.sequences:
+            if s.status != "running":
+                continue
+            need = -(-s.num_computed // state.block_size)
+            scratch, free = free[:need], free[need:]
+            checks.append({"id": s.request_id, "tokens": (s.prompt + s.output)[: s.num_computed],
+                           "table": s.block_table, "scratch": scratch, "num_computed": s.num_computed,
+                           "num_tokens": len(s.prompt) + len(s.output)})
+        job = checks
+    job = exchange_command(job, rt.control_group)
+    report = []
+    for c in job:
+        n = c["num_computed"]
+        diff = torch.zeros(())
+        if runner is not None:
+            runner.run_step(StepPlan(c["tokens"], [0], [n], [c["scratch"]], [True]))
+            bs = runner.kv.block_size
+            pos = torch.arange(n)
+            own = torch.tensor(c["table"])[pos // bs] * bs + pos % bs
+            new = torch.tensor(c["scratch"])[pos // bs] * bs + pos % bs
+            flat = runner.kv.buffer.flatten(2, 3)  # [2, layers, slots, heads, dim]
+            diff = (flat[:, :, own] - flat[:, :, new]).abs().max()
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX, group=rt.control_group)
+        report.append({"id": c["id"], "max_abs_diff": float(diff), "num_computed": n, "num_tokens": c["num_tokens"],
+                       "table_len": len(c["table"])})
+    return report
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--spec", required=True)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    rt = init_distributed()
+    job = json.loads(Path(args.spec).read_text())
+    spec = ModelSpec.from_file(Path(job["model"]) / "config.json")
+    tokenizer = None
+    if job.get("tokenizer"):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(job["model"])
+    results = {}
+    for t in job["topologies"]:
+        topo = Topology.parse(t)
+        topo.validate(spec, rt.world_size)
+        base = EngineConfig(**job.get("engine", {}))
+        runner = load_runner(spec, job["model"], topo, rt.rank, rt.device, base.blocks_for(spec, topo), base.block_size)
+        results[t] = {}
+        for sc in job["scenarios"]:
+            cfg = base.model_copy(update=sc.get("engine", {}))
+            if runner is not None:
+                runner.kv = KVCache.allocate(spec, topo, runner.pp_stage, cfg.blocks_for(spec, topo),
+                                             cfg.block_size, rt.device)
+            if rt.rank == 0:
+                engine = Engine(spec, topo, runner, rt.control_group, cfg, tokenizer)
+                results[t][sc["name"]] = drive(engine, sc, rt)
+            else:
+                worker_loop(runner, rt.control_group)
+                if "pause_at" in sc:
+                    kv_check(runner, rt)
+                    worker_loop(runner, rt.control_group)
+    if rt.rank == 0:
+        Path(args.out).write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
