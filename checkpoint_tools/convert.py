@@ -50,12 +50,13 @@ def _atomic_dir(out: Path) -> Iterator[Path]:
 
 def _tp1pp1_model(spec: ModelSpec):
     """A single-process world holding the whole model at TP1·PP1."""
-    from remp_megatron.model import build_stage_model, init_parallel_state
+    from remp_megatron import groups
+    from remp_megatron.model import build_stage_model
     from remp_megatron.runtime import init_distributed
     from remp_megatron.topology import Topology
 
     rt = init_distributed()
-    init_parallel_state(Topology(1, 1))
+    groups.activate(Topology(1, 1))
     return build_stage_model(spec, Topology(1, 1), 0, rt.device)
 
 

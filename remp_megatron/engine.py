@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .kv_cache import blocks_for_budget
 from .model_runner import ModelRunner
+from .reconfigure import MODES, Fault, KVMove, ReconfigureOrder, RolledBack, Timeline, Worker
 from .request import FinishReason, Request, Sequence, SequenceState, StepOutput
 from .sampler import sample_one
 from .scheduler import Scheduler, SchedulerConfig, StepPlan
@@ -49,8 +50,8 @@ class EngineConfig(BaseModel):
 class Command:
     """rank 0 -> every rank, over the control group."""
 
-    kind: str  # "step" | "stop"
-    plan: Optional[StepPlan] = None
+    kind: str  # "step" | "reconfigure" | "stop"
+    payload: Any = None  # StepPlan | ReconfigureOrder
 
 
 def exchange_command(cmd: Optional[Command], group) -> Command:
@@ -59,14 +60,28 @@ def exchange_command(cmd: Optional[Command], group) -> Command:
     return box[0]
 
 
-def worker_loop(runner: Optional[ModelRunner], group) -> None:
+def load_worker(rt, spec: ModelSpec, model_dir, topo: Topology, cfg: EngineConfig) -> Worker:
+    """Collective: load ``topo``'s shards from a converted model dir on every rank."""
+    from .model_runner import load_runner
+
+    topo.validate(spec, rt.world_size)
+    runner = load_runner(spec, model_dir, topo, rt.rank, rt.device, cfg.blocks_for(spec, topo), cfg.block_size)
+    return Worker(spec, topo, runner, rt.rank, rt.world_size, rt.device, rt.control_group)
+
+
+def worker_loop(worker: Worker) -> None:
     """Ranks != 0: execute rank 0's commands until told to stop."""
     while True:
-        cmd = exchange_command(None, group)
+        cmd = exchange_command(None, worker.group)
         if cmd.kind == "stop":
             return
-        if cmd.kind == "step" and runner is not None:
-            runner.run_step(cmd.plan)
+        if cmd.kind == "step" and worker.runner is not None:
+            worker.runner.run_step(cmd.payload)
+        elif cmd.kind == "reconfigure":
+            try:
+                worker.reconfigure(cmd.payload)
+            except RolledBack:
+                pass  # rank 0 reports it; this rank is back on its old topology
 
 
 @dataclass
@@ -122,12 +137,13 @@ class EngineState:
 class Engine:
     """Rank 0's engine. Thread-safe entry points: add_request, cancel, pause, resume."""
 
-    def __init__(self, spec: ModelSpec, topo: Topology, runner: ModelRunner, control_group, cfg: EngineConfig,
-                 tokenizer: Any = None):
-        self.spec, self.topo, self.runner, self.group, self.cfg = spec, topo, runner, control_group, cfg
+    def __init__(self, worker: Worker, cfg: EngineConfig, tokenizer: Any = None):
+        self.worker, self.spec, self.group, self.cfg = worker, worker.spec, worker.group, cfg
         self.tokenizer = tokenizer
+        spec = self.spec
+        self.history: list[Timeline] = []  # every reconfiguration attempt, committed or not
         self.sched = Scheduler(SchedulerConfig(
-            num_blocks=runner.kv.buffer.shape[2], block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
+            num_blocks=worker.runner.kv.buffer.shape[2], block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
             max_tokens_per_step=cfg.max_tokens_per_step, max_queue=cfg.max_queue,
             max_model_len=spec.max_position_embeddings))
         eos = set(spec.eos_token_ids)
@@ -176,6 +192,14 @@ class Engine:
     def has_work(self) -> bool:
         return self.sched.has_work
 
+    @property
+    def runner(self) -> ModelRunner:
+        return self.worker.runner
+
+    @property
+    def topo(self) -> Topology:
+        return self.worker.topo
+
     # ---- stepping ---------------------------------------------------------------------
     def step(self) -> int:
         """Run one step on every rank; returns the number of sequences it advanced."""
@@ -198,6 +222,37 @@ class Engine:
                     self._append_token(s.seq, logits[row - 1])
             self.steps += 1
         return len(scheduled)
+
+    def reconfigure(self, target: Topology, mode: str = "migrate", fault: Optional[Fault] = None,
+                    bucket_mb: float = 16, phase_timeout_s: float = 120.0) -> Timeline:
+        """Switch every rank to ``target`` at this step boundary (call it between steps: in
+        synchronous use, or while the serving loop is paused). Raises TopologyError/ValueError
+        before anything changes, RolledBack if any rank failed before the commit point."""
+        target.validate(self.spec, self.worker.world)
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        try:
+            if mode == "drain":  # in-flight requests finish at the old topology; queued ones wait
+                self.sched.admit = False
+                while self.sched.running:
+                    self.step()
+            with self._lock:
+                if mode == "recompute":
+                    self.sched.preempt_all()
+                kv = KVMove.plan(self.sched.live(), self.cfg.blocks_for(self.spec, target))
+                order = ReconfigureOrder(target, mode, kv, self.cfg.block_size, int(bucket_mb * 2**20),
+                                         phase_timeout_s, fault)
+                exchange_command(Command("reconfigure", order), self.group)
+                try:
+                    tl = self.worker.reconfigure(order)
+                except RolledBack as e:
+                    self.history.append(e.timeline)
+                    raise
+                self.sched.rebind(kv.new_num_blocks, kv.old_ids, kv.new_ids, kv.dropped)
+                self.history.append(tl)
+                return tl
+        finally:
+            self.sched.admit = True
 
     def run_until_idle(self) -> None:
         while self.step():

@@ -22,10 +22,10 @@ class OutOfBlocks(RuntimeError):
 
 
 class BlockAllocator:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, used: frozenset[int] = frozenset()):
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: deque[int] = deque(b for b in range(num_blocks) if b not in used)
 
     @property
     def num_free(self) -> int:

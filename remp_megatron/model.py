@@ -22,8 +22,6 @@ log = logging.getLogger("remp.model")
 
 # A converted model dir: config.json, tokenizer files, and the dist-checkpoint in here.
 MEGATRON_SUBDIR = "megatron"
-# Our rank map (topology.py) is megatron's with data parallelism outermost.
-MEGATRON_ORDER = "tp-cp-ep-pp-dp"
 
 
 def megatron_config(spec: ModelSpec, topo: Topology, device: torch.device):
@@ -71,23 +69,6 @@ def layer_spec():
     return spec
 
 
-def init_parallel_state(topo: Topology) -> None:
-    """Point megatron's parallel_state at ``topo`` (collective over the world)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.random import initialize_rng_tracker
-
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=topo.tp,
-        pipeline_model_parallel_size=topo.pp,
-        order=MEGATRON_ORDER,
-        create_gloo_process_groups=False,
-    )
-    # The CUDA RNG tracker's seeding needs CUDA; the inference tracker does not (no dropout).
-    initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
-
-
 def build_stage_model(spec: ModelSpec, topo: Topology, pp_stage: int, device: torch.device):
     """This rank's GPTModel: its stage's layers and its TP slice, uninitialised."""
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -104,7 +85,7 @@ def build_stage_model(spec: ModelSpec, topo: Topology, pp_stage: int, device: to
         position_embedding_type="rope",
         rotary_base=spec.rope_theta,
     )
-    return model.to(device).eval()
+    return model.to(device).eval().requires_grad_(False)  # inference only: in-place reloads allowed
 
 
 def load_stage_weights(model, model_dir: str | Path) -> float:

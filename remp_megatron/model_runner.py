@@ -95,9 +95,10 @@ def load_runner(
 ) -> Optional[ModelRunner]:
     """Set megatron's parallel state to ``topo``, build and load this rank's stage, allocate its
     KV cache. Collective over the world; standby ranks take part and get None."""
-    from .model import build_stage_model, init_parallel_state, load_stage_weights
+    from . import groups
+    from .model import build_stage_model, load_stage_weights
 
-    init_parallel_state(topo)
+    groups.activate(topo)
     coords = topo.coords(rank)
     model = build_stage_model(spec, topo, coords[0], device) if coords else None
     load_stage_weights(model, model_dir)

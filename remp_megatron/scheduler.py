@@ -9,7 +9,7 @@ the queue to be recomputed (prompt + output so far), never dropped.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .kv_cache import BlockAllocator
 from .request import Sequence, SequenceState, Status
@@ -110,6 +110,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.admit = True  # False while draining for a reconfiguration: queued requests wait
 
     def check(self, prompt_len: int, max_new_tokens: int) -> None:
         """Reject what can never run; raises RequestTooLong / QueueFull."""
@@ -149,7 +150,7 @@ class Scheduler:
             if seq.status is Status.RUNNING:
                 out.append(Scheduled(seq, seq.num_computed, n, seq.num_computed + n == seq.num_tokens))
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+        while self.admit and self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_tokens, budget)
             if not self._reserve(seq, n):
@@ -169,6 +170,28 @@ class Scheduler:
             self.waiting.remove(seq)
         self._release(seq)
         seq.status = Status.FINISHED
+
+    def live(self) -> list[tuple[str, list[int]]]:
+        """(request id, block table) of running sequences, oldest first: the KV worth moving."""
+        return [(s.request_id, list(s.block_table)) for s in self.running]
+
+    def preempt_all(self) -> None:
+        """Send every running sequence back to the queue for recompute (newest ends up last)."""
+        for seq in reversed(list(self.running)):
+            self._preempt(seq)
+
+    def rebind(self, num_blocks: int, old_ids: list[int], new_ids: list[int], dropped: list[str]) -> None:
+        """Adopt the KV cache of a new topology: block ids renumbered as migrated; requests
+        whose KV was not migrated go back to the queue for recompute."""
+        remap = dict(zip(old_ids, new_ids))
+        for seq in reversed(list(self.running)):
+            if seq.request_id in dropped:
+                seq.block_table = []
+                self._preempt(seq)
+            else:
+                seq.block_table = [remap[b] for b in seq.block_table]
+        self.cfg = replace(self.cfg, num_blocks=num_blocks)
+        self.alloc = BlockAllocator(num_blocks, self.cfg.block_size, frozenset(new_ids))
 
     def states(self) -> list[SequenceState]:
         return [

@@ -35,8 +35,7 @@ def worker(args) -> None:
     import torch.distributed as dist
     from tqdm import tqdm
 
-    from remp_megatron.engine import Engine, EngineConfig, worker_loop
-    from remp_megatron.model_runner import load_runner
+    from remp_megatron.engine import Engine, EngineConfig, load_worker, worker_loop
     from remp_megatron.request import Request, SamplingParams
     from remp_megatron.runtime import init_distributed
     from remp_megatron.spec import ModelSpec
@@ -50,13 +49,11 @@ def worker(args) -> None:
     bar = tqdm(total=len(args.topologies) * len(args.batch_sizes) * (args.runs + 1), desc="engine runs",
                file=sys.stderr, disable=rt.rank != 0)
     for t in args.topologies:
-        topo = Topology.parse(t)
-        topo.validate(spec, rt.world_size)
-        runner = load_runner(spec, args.model, topo, rt.rank, rt.device, cfg.blocks_for(spec, topo), cfg.block_size)
+        worker = load_worker(rt, spec, args.model, Topology.parse(t), cfg)
         if rt.rank != 0:
-            worker_loop(runner, rt.control_group)
+            worker_loop(worker)
             continue
-        engine = Engine(spec, topo, runner, rt.control_group, cfg)
+        engine = Engine(worker, cfg)
         for b in args.batch_sizes:
             runs = []
             for r in range(args.runs + 1):
@@ -72,7 +69,7 @@ def worker(args) -> None:
                 ttft = statistics.median(h.token_times[0] - h.arrival for h in hs)
                 tpot = statistics.median((h.token_times[-1] - h.token_times[0]) / (len(h.token_times) - 1) for h in hs)
                 runs.append({"tok_s": b * args.new_tokens / wall, "ttft_s": ttft, "tpot_s": tpot})
-            results.append({"impl": f"ReMP {topo}", "batch": b, **summarize(runs)})
+            results.append({"impl": f"ReMP {worker.topo}", "batch": b, **summarize(runs)})
         engine.stop_workers()
     if rt.rank == 0:
         Path(args.out).write_text(json.dumps(results))

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from remp_megatron.engine import Engine, EngineConfig, worker_loop
-from remp_megatron.model_runner import load_runner
+from remp_megatron.engine import Engine, EngineConfig, load_worker, worker_loop
 from remp_megatron.request import Request, SamplingParams
 from remp_megatron.runtime import init_distributed
 from remp_megatron.spec import ModelSpec
@@ -35,15 +34,14 @@ def main():
     answers = {}
     for t in args.topologies:
         topo = Topology.parse(t)
-        topo.validate(spec, rt.world_size)
         t0 = time.perf_counter()
         cfg = EngineConfig(kv_budget_mb=32)
-        runner = load_runner(spec, args.model, topo, rt.rank, rt.device, cfg.blocks_for(spec, topo), cfg.block_size)
+        worker = load_worker(rt, spec, args.model, topo, cfg)
         t1 = time.perf_counter()
         if rt.rank != 0:
-            worker_loop(runner, rt.control_group)
+            worker_loop(worker)
             continue
-        engine = Engine(spec, topo, runner, rt.control_group, cfg, tok)
+        engine = Engine(worker, cfg, tok)
         handle = engine.add_request(Request(request_id=t, prompt_token_ids=prompt,
                                             params=SamplingParams(max_new_tokens=args.max_new_tokens)))
         engine.run_until_idle()

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 from remp_megatron import cpu_compat
-from remp_megatron.model import build_stage_model, init_parallel_state
+from remp_megatron import groups
+from remp_megatron.model import build_stage_model
 from remp_megatron.runtime import init_distributed
 from remp_megatron.spec import ModelSpec
 from remp_megatron.topology import Topology
@@ -43,7 +44,7 @@ def dist_checkpoint_save():
 
 
 def tied_embeddings_pp2():
-    init_parallel_state(Topology(1, 2))
+    groups.activate(Topology(1, 2))
     build_stage_model(SPEC, Topology(1, 2), dist.get_rank(), torch.device("cpu"))
 
 

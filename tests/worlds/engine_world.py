@@ -10,15 +10,13 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
-from remp_megatron.engine import Engine, EngineConfig, exchange_command, worker_loop
+from common import kv_check
+from remp_megatron.engine import Engine, EngineConfig, load_worker, worker_loop
 from remp_megatron.kv_cache import KVCache
-from remp_megatron.model_runner import load_runner
 from remp_megatron.request import Request, SamplingParams
 from remp_megatron.runtime import init_distributed
-from remp_megatron.scheduler import StepPlan
 from remp_megatron.spec import ModelSpec
 from remp_megatron.topology import Topology
 
@@ -39,9 +37,8 @@ def drive(engine: Engine, sc: dict, rt) -> dict:
                 engine.cancel(rid)
                 result["cancel"] = {"held": held, "freed": engine.sched.alloc.num_free - before}
         if sc.get("pause_at") == step:
-            state = engine.state()
             engine.stop_workers()
-            result["pause"] = kv_check(engine.runner, rt, state, engine)
+            result["pause"] = kv_check(engine.runner, rt, engine)
         engine.step()
         step += 1
     engine.stop_workers()
@@ -51,41 +48,6 @@ def drive(engine: Engine, sc: dict, rt) -> dict:
         result["requests"][rid] = {"tokens": c.token_ids, "text": c.text, "finish_reason": c.finish_reason.value}
     result["preemptions"] = engine.sched.num_preemptions
     return result
-
-
-def kv_check(runner, rt, state=None, engine=None):
-    """Collective. For each running sequence at the pause point, recompute its cached tokens
-    into free scratch blocks and compare K/V there with K/V at its own block table."""
-    job = None
-    if rt.rank == 0:
-        free = list(engine.sched.alloc._free)
-        checks = []
-        for s in state.sequences:
-            if s.status != "running":
-                continue
-            need = -(-s.num_computed // state.block_size)
-            scratch, free = free[:need], free[need:]
-            checks.append({"id": s.request_id, "tokens": (s.prompt + s.output)[: s.num_computed],
-                           "table": s.block_table, "scratch": scratch, "num_computed": s.num_computed,
-                           "num_tokens": len(s.prompt) + len(s.output)})
-        job = checks
-    job = exchange_command(job, rt.control_group)
-    report = []
-    for c in job:
-        n = c["num_computed"]
-        diff = torch.zeros(())
-        if runner is not None:
-            runner.run_step(StepPlan(c["tokens"], [0], [n], [c["scratch"]], [True]))
-            bs = runner.kv.block_size
-            pos = torch.arange(n)
-            own = torch.tensor(c["table"])[pos // bs] * bs + pos % bs
-            new = torch.tensor(c["scratch"])[pos // bs] * bs + pos % bs
-            flat = runner.kv.buffer.flatten(2, 3)  # [2, layers, slots, heads, dim]
-            diff = (flat[:, :, own] - flat[:, :, new]).abs().max()
-        dist.all_reduce(diff, op=dist.ReduceOp.MAX, group=rt.control_group)
-        report.append({"id": c["id"], "max_abs_diff": float(diff), "num_computed": n, "num_tokens": c["num_tokens"],
-                       "table_len": len(c["table"])})
-    return report
 
 
 def main():
@@ -104,9 +66,9 @@ def main():
     results = {}
     for t in job["topologies"]:
         topo = Topology.parse(t)
-        topo.validate(spec, rt.world_size)
         base = EngineConfig(**job.get("engine", {}))
-        runner = load_runner(spec, job["model"], topo, rt.rank, rt.device, base.blocks_for(spec, topo), base.block_size)
+        worker = load_worker(rt, spec, job["model"], topo, base)
+        runner = worker.runner
         results[t] = {}
         for sc in job["scenarios"]:
             cfg = base.model_copy(update=sc.get("engine", {}))
@@ -114,13 +76,12 @@ def main():
                 runner.kv = KVCache.allocate(spec, topo, runner.pp_stage, cfg.blocks_for(spec, topo),
                                              cfg.block_size, rt.device)
             if rt.rank == 0:
-                engine = Engine(spec, topo, runner, rt.control_group, cfg, tokenizer)
-                results[t][sc["name"]] = drive(engine, sc, rt)
+                results[t][sc["name"]] = drive(Engine(worker, cfg, tokenizer), sc, rt)
             else:
-                worker_loop(runner, rt.control_group)
+                worker_loop(worker)
                 if "pause_at" in sc:
                     kv_check(runner, rt)
-                    worker_loop(runner, rt.control_group)
+                    worker_loop(worker)
     if rt.rank == 0:
         Path(args.out).write_text(json.dumps(results))
     dist.barrier()

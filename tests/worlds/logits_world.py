@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 
-from remp_megatron.engine import Engine, EngineConfig, worker_loop
-from remp_megatron.model_runner import load_runner
+from remp_megatron.engine import Engine, EngineConfig, load_worker, worker_loop
 from remp_megatron.request import Request, SamplingParams
 from remp_megatron.scheduler import StepPlan
 from remp_megatron.runtime import init_distributed
@@ -37,9 +36,9 @@ def main():
         spec = ModelSpec.from_file(Path(model_dir) / "config.json")
         for t in args.topologies:
             topo = Topology.parse(t)
-            topo.validate(spec, rt.world_size)
             cfg = EngineConfig(block_size=BLOCK, num_blocks=sum(-(-(len(x) + args.greedy) // BLOCK) for x in prompts))
-            runner = load_runner(spec, model_dir, topo, rt.rank, rt.device, cfg.num_blocks, cfg.block_size)
+            worker = load_worker(rt, spec, model_dir, topo, cfg)
+            runner = worker.runner
             result = {}
             if runner is not None:
                 # Every position's logits, prompts packed in one step (blocks after each other).
@@ -54,14 +53,14 @@ def main():
                 if logits is not None:
                     result["logits"] = list(torch.split(logits, [len(x) for x in prompts]))
             if args.greedy and rt.rank == 0:
-                engine = Engine(spec, topo, runner, rt.control_group, cfg)
+                engine = Engine(worker, cfg)
                 handles = [engine.add_request(Request(request_id=str(i), prompt_token_ids=x, params=SamplingParams(
                     max_new_tokens=args.greedy, ignore_eos=True))) for i, x in enumerate(prompts)]
                 engine.run_until_idle()
                 engine.stop_workers()
                 result["greedy"] = [h.result().token_ids for h in handles]
             elif args.greedy:
-                worker_loop(runner, rt.control_group)
+                worker_loop(worker)
             if rt.rank == 0:
                 torch.save(result, Path(args.out) / f"{Path(model_dir).name}__tp{topo.tp}pp{topo.pp}.pt")
     torch.distributed.barrier()
