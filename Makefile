@@ -1,5 +1,5 @@
 # Two commands do all setup on a fresh machine:
-#   make demo   the main job (serves SmolLM2 and switches topology)
+#   make demo   the main job (serves SmolLM2 over gRPC and switches topology live)
 #   make test   the test suite
 # Both create/refresh a project-local virtualenv. torch is pinned and installed first: an
 # unpinned torch pulls a multi-GB CUDA build. On a GPU host an existing torch 2.13.0 (CUDA
@@ -30,10 +30,14 @@ $(SMOL_DIR)/config.json: | $(STAMP)
 	$(BIN)/python -m checkpoint_tools.convert import "$$($(BIN)/python -m remp_megatron.assets smollm2-gguf)" $(SMOL_DIR)
 
 demo: $(STAMP) $(SMOL_DIR)/config.json
-	PYTHONWARNINGS=ignore $(BIN)/python -m torch.distributed.run --standalone --nproc-per-node=3 scripts/demo.py --model $(SMOL_DIR)
+	PYTHONWARNINGS=ignore $(BIN)/python scripts/demo.py --model $(SMOL_DIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -ra
 
 clean:
 	rm -rf $(RUNS)
+
+# Regenerate the committed gRPC stubs (tests check they match the .proto).
+proto: $(STAMP)
+	$(BIN)/python -m server.protogen

@@ -14,5 +14,6 @@ setup(
         for line in (Path(__file__).parent / "requirements.txt").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ],
-    entry_points={"console_scripts": ["remp-convert=checkpoint_tools.convert:main"]},
+    package_data={"server": ["proto/remp/v1/*.proto", "proto/remp/v1/*.py"]},
+    entry_points={"console_scripts": ["remp-convert=checkpoint_tools.convert:main", "remp=server.cli:main"]},
 )

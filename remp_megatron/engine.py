@@ -39,6 +39,8 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(32, ge=1)
     max_tokens_per_step: int = Field(256, ge=1)
     max_queue: int = Field(256, ge=1)
+    prestage_budget_mb: float = Field(0.0, ge=0)  # > 0 enables pre-staging new weight shards
+    prestage_rounds_per_step: int = Field(1, ge=1)  # bucket rounds moved at each step boundary
 
     def blocks_for(self, spec: ModelSpec, topo: Topology) -> int:
         if self.num_blocks is not None:
@@ -50,8 +52,8 @@ class EngineConfig(BaseModel):
 class Command:
     """rank 0 -> every rank, over the control group."""
 
-    kind: str  # "step" | "reconfigure" | "stop"
-    payload: Any = None  # StepPlan | ReconfigureOrder
+    kind: str  # "step" | "reconfigure" | "prestage" | "prestage_rounds" | "stop"
+    payload: Any = None  # StepPlan | ReconfigureOrder | number of rounds
 
 
 def exchange_command(cmd: Optional[Command], group) -> Command:
@@ -77,11 +79,13 @@ def worker_loop(worker: Worker) -> None:
             return
         if cmd.kind == "step" and worker.runner is not None:
             worker.runner.run_step(cmd.payload)
-        elif cmd.kind == "reconfigure":
+        elif cmd.kind in ("reconfigure", "prestage"):
             try:
-                worker.reconfigure(cmd.payload)
+                getattr(worker, cmd.kind)(cmd.payload)
             except RolledBack:
                 pass  # rank 0 reports it; this rank is back on its old topology
+        elif cmd.kind == "prestage_rounds":
+            worker.prestage_rounds(cmd.payload)
 
 
 @dataclass
@@ -202,7 +206,13 @@ class Engine:
 
     # ---- stepping ---------------------------------------------------------------------
     def step(self) -> int:
-        """Run one step on every rank; returns the number of sequences it advanced."""
+        """Run one step on every rank; returns the number of sequences it advanced. Pending
+        pre-staging transfers advance by one chunk at each step boundary."""
+        staged = self.worker.staged
+        if staged is not None and staged["rounds"]:
+            n = self.cfg.prestage_rounds_per_step
+            exchange_command(Command("prestage_rounds", n), self.group)
+            self.worker.prestage_rounds(n)
         with self._lock:
             scheduled = self.sched.schedule()
             if not scheduled:
@@ -223,8 +233,33 @@ class Engine:
             self.steps += 1
         return len(scheduled)
 
+    @property
+    def prestaged(self) -> Optional[Topology]:
+        """The target whose weights are fully pre-staged, if any."""
+        st = self.worker.staged
+        return st["target"] if st is not None and not st["rounds"] else None
+
+    def prestage(self, target: Topology, bucket_mb: float = 16) -> Timeline:
+        """Start moving ``target``'s weight shards while the current topology keeps serving
+        (call between steps). The transfers then advance one bucket round per step boundary
+        (``run_until_prestaged`` finishes them when idle); a later ``reconfigure(target)`` only
+        moves KV, switches groups and commits. Needs ``prestage_budget_mb`` > 0."""
+        if self.cfg.prestage_budget_mb <= 0:
+            raise ValueError("pre-staging is off (set EngineConfig.prestage_budget_mb)")
+        target.validate(self.spec, self.worker.world)
+        order = ReconfigureOrder(target, "migrate", KVMove([], [], 0, []), self.cfg.block_size,
+                                 int(bucket_mb * 2**20), weights_only=True,
+                                 prestage_budget_bytes=int(self.cfg.prestage_budget_mb * 2**20))
+        with self._lock:
+            exchange_command(Command("prestage", order), self.group)
+            return self.worker.prestage(order)
+
+    def run_until_prestaged(self) -> None:
+        while self.worker.staged is not None and self.worker.staged["rounds"]:
+            self.step()
+
     def reconfigure(self, target: Topology, mode: str = "migrate", fault: Optional[Fault] = None,
-                    bucket_mb: float = 16, phase_timeout_s: float = 120.0) -> Timeline:
+                    bucket_mb: float = 16, phase_timeout_s: float = 120.0, progress=None) -> Timeline:
         """Switch every rank to ``target`` at this step boundary (call it between steps: in
         synchronous use, or while the serving loop is paused). Raises TopologyError/ValueError
         before anything changes, RolledBack if any rank failed before the commit point."""
@@ -244,7 +279,7 @@ class Engine:
                                          phase_timeout_s, fault)
                 exchange_command(Command("reconfigure", order), self.group)
                 try:
-                    tl = self.worker.reconfigure(order)
+                    tl = self.worker.reconfigure(order, progress)
                 except RolledBack as e:
                     self.history.append(e.timeline)
                     raise

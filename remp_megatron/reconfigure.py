@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,8 @@ from .kv_cache import KVCache
 from .layout import plan_transfers
 from .model import build_stage_model
 from .model_runner import ModelRunner
-from .reshard import (KV_KEY, MoveStats, execute, gather_layout, kv_layout, kv_region, weight_regions)
+from .reshard import (KV_KEY, MoveStats, copy_local, gather_layout, kv_layout, kv_region, run_rounds,
+                      weight_regions)
 from .spec import ModelSpec
 from .topology import Topology
 
@@ -82,6 +83,8 @@ class ReconfigureOrder:
     bucket_bytes: int = 16 * 2**20
     phase_timeout_s: float = 120.0
     fault: Optional[Fault] = None
+    weights_only: bool = False  # a pre-staging order: build, plan and copy the new weights only
+    prestage_budget_bytes: int = 0  # pre-staging refuses a new shard larger than this
 
 
 @dataclass
@@ -96,9 +99,11 @@ class Timeline:
     kv_kept: int = 0
     kv_blocks: int = 0  # live blocks migrated
     bytes_sent: int = 0  # measured, all ranks (equals weights_moved + kv_moved)
+    bytes_sent_in_pause: int = 0  # of which during this call (not pre-staged)
     peak_extra_bytes: int = 0  # max over ranks: new shard + new KV + largest buckets in flight
     resources: dict[str, int] = field(default_factory=dict)  # after commit, max over ranks (leak watch)
     committed: bool = False
+    prestaged: bool = False  # weights were moved before the pause; the phases above exclude them
     failed_phase: Optional[str] = None
     error: Optional[str] = None
 
@@ -138,17 +143,54 @@ class Worker:
                  device: torch.device, control_group):
         self.spec, self.topo, self.runner = spec, topo, runner
         self.rank, self.world, self.device, self.group = rank, world, device, control_group
+        # Pre-staged new weights: {"target", "new" (phase state), "rounds" left to run}.
+        self.staged: Optional[dict] = None
 
-    def reconfigure(self, order: ReconfigureOrder) -> Timeline:
+    def reconfigure(self, order: ReconfigureOrder, progress: Optional[Callable[[str, Timeline], None]] = None
+                    ) -> Timeline:
         """Collective. Returns the (identical on every rank) timeline; raises RolledBack.
+        Uses the pre-staged weights if they are complete and for this target. ``progress`` is
+        called after each completed phase (rank 0 streams it to the operator)."""
+        staged, self.staged = self.staged, None
+        new: dict = {}
+        tl = Timeline(str(self.topo), str(order.target), order.mode)
+        if staged is not None and staged["target"] == order.target and not staged["rounds"]:
+            new, tl.prestaged = staged["new"], True
+        self._run_phases(PHASES, order, new, tl, progress)
+        tl.committed = True
+        log.info("reconfigured %s -> %s (%s%s) in %.3fs", tl.source, tl.target, tl.mode,
+                 ", prestaged" if tl.prestaged else "", tl.seconds)
+        return tl
 
-        Each phase has a local part (where faults are injected and most errors happen), then
+    def prestage(self, order: ReconfigureOrder) -> Timeline:
+        """Collective: build the target's weight shards and plan their move while the current
+        topology keeps serving; local copies happen now, remote rounds via prestage_rounds()."""
+        self.staged = None
+        new: dict = {}
+        tl = Timeline(str(self.topo), str(order.target), "prestage")
+        self._run_phases(("validate", "build", "plan"), order, new, tl)
+        new["wstats"] = MoveStats()
+        with torch.no_grad():
+            copy_local(new["wplan"], self.rank, new["old_regions"], new["regions"], order.bucket_bytes, new["wstats"])
+        rounds = list(new["wplan"].rounds(self.world, order.bucket_bytes))
+        self.staged = {"target": order.target, "new": new, "rounds": rounds}
+        return tl
+
+    def prestage_rounds(self, n: int) -> bool:
+        """Collective: run the next ``n`` pre-staging rounds; True when staging is complete."""
+        st = self.staged
+        todo, st["rounds"] = st["rounds"][:n], st["rounds"][n:]
+        with torch.no_grad():
+            run_rounds(todo, self.rank, st["new"]["old_regions"], st["new"]["regions"], self.device,
+                       self.spec.torch_dtype, st["new"]["wstats"])
+        return not st["rounds"]
+
+    def _run_phases(self, phases, order: ReconfigureOrder, new: dict, tl: Timeline, progress=None) -> None:
+        """Each phase has a local part (where faults are injected and most errors happen), then
         a vote, then a communication part that runs only if every rank's local part succeeded.
         An error in a communication part is carried into the next vote."""
-        tl = Timeline(str(self.topo), str(order.target), order.mode)
-        new: dict = {}
         carried = None
-        for phase in PHASES:
+        for phase in phases:
             t0 = time.perf_counter()
             error = carried
             if error is None:
@@ -163,11 +205,10 @@ class Worker:
                 raise RolledBack(tl)
             carried = self._attempt(lambda: self._comm(phase, order, new, tl), order, t0)
             tl.phases[phase] = time.perf_counter() - t0
+            if progress is not None:
+                progress(phase, tl)
         if carried:  # the commit's own communication failed after every vote passed
             raise RuntimeError(f"reconfiguration failed after its commit point: {carried}")
-        tl.committed = True
-        log.info("reconfigured %s -> %s (%s) in %.3fs", tl.source, tl.target, tl.mode, tl.seconds)
-        return tl
 
     def _attempt(self, fn, order: ReconfigureOrder, t0: float) -> Optional[str]:
         try:
@@ -206,12 +247,18 @@ class Worker:
 
     def _build_local(self, order, new, tl) -> None:
         coords = order.target.coords(self.rank)
+        if coords is not None and not order.weights_only:
+            new["kv"] = KVCache.allocate(self.spec, order.target, coords[0], order.kv.new_num_blocks,
+                                         order.block_size, self.device)
+        if "shards" in new:  # pre-staged
+            return
         groups.activate(order.target)
         try:
             if coords is not None:
                 new["model"] = build_stage_model(self.spec, order.target, coords[0], self.device)
-                new["kv"] = KVCache.allocate(self.spec, order.target, coords[0], order.kv.new_num_blocks,
-                                             order.block_size, self.device)
+                if order.weights_only and _nbytes(new["model"]) > order.prestage_budget_bytes:
+                    raise MemoryError(f"new shard of {_nbytes(new['model'])} B exceeds the pre-staging budget "
+                                      f"of {order.prestage_budget_bytes} B")
             # megatron's sharded_state_dict reads ranks from parallel_state: call it under the
             # snapshot its model was built for.
             new["shards"], new["regions"] = weight_regions(new.get("model"), self.rank)
@@ -219,24 +266,30 @@ class Worker:
             groups.activate(self.topo)
 
     def _plan_local(self, order, new, tl) -> None:
-        new["old_shards"], new["old_regions"] = weight_regions(self.runner.model if self.runner else None, self.rank)
+        if "wplan" not in new:
+            new["old_shards"], new["old_regions"] = weight_regions(self.runner.model if self.runner else None,
+                                                                   self.rank)
 
     def _plan_comm(self, order, new, tl) -> None:
-        old_layout = gather_layout(new["old_shards"], self.group)
-        new_layout = gather_layout(new["shards"], self.group)
         elem = torch.tensor([], dtype=self.spec.torch_dtype).element_size()
-        new["wplan"] = plan_transfers(old_layout, new_layout, dict.fromkeys(new_layout, elem))
+        if "wplan" not in new:
+            old_layout = gather_layout(new["old_shards"], self.group)
+            new_layout = gather_layout(new["shards"], self.group)
+            new["wplan"] = plan_transfers(old_layout, new_layout, dict.fromkeys(new_layout, elem))
+        tl.weights_moved, tl.weights_kept = new["wplan"].bytes_moved, new["wplan"].bytes_kept
+        if order.weights_only:
+            return
         kv = order.kv
         n_live = len(kv.old_ids)
         old_kv, new_kv = (kv_layout(self.spec, t, n_live, order.block_size) for t in (self.topo, order.target))
         new["kvplan"] = plan_transfers(old_kv, new_kv, {KV_KEY: elem})
         new["kv_src"] = kv_region(self.runner.kv.buffer, old_kv, self.rank, kv.old_ids) if self.runner else {}
         new["kv_dst"] = kv_region(new["kv"].buffer, new_kv, self.rank, kv.new_ids) if "kv" in new else {}
-        tl.weights_moved, tl.weights_kept = new["wplan"].bytes_moved, new["wplan"].bytes_kept
         tl.kv_moved, tl.kv_kept, tl.kv_blocks = new["kvplan"].bytes_moved, new["kvplan"].bytes_kept, n_live
 
     def _move_weights_comm(self, order, new, tl) -> None:
-        new["wstats"] = self._execute(new["wplan"], new["old_regions"], new["regions"], order)
+        if "wstats" not in new:  # else pre-staged
+            new["wstats"] = self._execute(new["wplan"], new["old_regions"], new["regions"], order)
 
     def _move_kv_comm(self, order, new, tl) -> None:
         new["kvstats"] = self._execute(new["kvplan"], new["kv_src"], new["kv_dst"], order)
@@ -249,26 +302,30 @@ class Worker:
     def _commit_local(self, order, new, tl) -> None:
         ws, ks = new["wstats"], new["kvstats"]
         kv_bytes = new["kv"].buffer.numel() * new["kv"].buffer.element_size() if "kv" in new else 0
-        new["sent"] = ws.bytes_sent + ks.bytes_sent
+        new["sent"] = [ws.bytes_sent + ks.bytes_sent, ks.bytes_sent + (0 if tl.prestaged else ws.bytes_sent)]
         new["extra"] = _nbytes(new.get("model")) + kv_bytes + max(ws.peak_bucket_bytes, ks.peak_bucket_bytes)
 
     def _commit_comm(self, order, new, tl) -> None:
         # The old model and KV are freed here by refcount (megatron modules hold no cycles);
         # a gc.collect() would cost ~0.25 s of pause for nothing.
         self.runner, self.topo = new.pop("runner"), order.target
-        sent = torch.tensor([new["sent"]], dtype=torch.float64)
+        sent = torch.tensor(new["sent"], dtype=torch.float64)
         dist.all_reduce(sent, group=self.group)
         peak = torch.tensor([new["extra"], *process_resources().values()], dtype=torch.float64)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=self.group)
-        tl.bytes_sent, tl.peak_extra_bytes = int(sent.item()), int(peak[0].item())
+        tl.bytes_sent, tl.bytes_sent_in_pause = map(int, sent.tolist())
+        tl.peak_extra_bytes = int(peak[0].item())
         tl.resources = dict(zip(process_resources(), map(int, peak[1:].tolist())))
         new.clear()
 
     # ---- helpers ------------------------------------------------------------------------
     def _execute(self, plan, src, dst, order) -> MoveStats:
+        stats = MoveStats()
         with torch.no_grad():
-            return execute(plan, self.rank, self.world, src, dst, order.bucket_bytes, self.device,
-                           self.spec.torch_dtype)
+            copy_local(plan, self.rank, src, dst, order.bucket_bytes, stats)
+            run_rounds(list(plan.rounds(self.world, order.bucket_bytes)), self.rank, src, dst, self.device,
+                       self.spec.torch_dtype, stats)
+        return stats
 
     def _rollback(self, new: dict) -> None:
         groups.activate(self.topo)

@@ -107,17 +107,19 @@ class MoveStats:
     peak_bucket_bytes: int = 0  # largest send + receive buffers held at once
 
 
-def execute(plan: Plan, rank: int, world: int, src: Regions, dst: Regions, bucket_bytes: int,
-            device: torch.device, dtype: torch.dtype) -> MoveStats:
-    """Run this rank's part of ``plan`` (collective over the world: every rank calls it with
-    the same plan). Local pieces are copied in bucket-sized slabs too, to bound memory."""
-    stats = MoveStats()
+def copy_local(plan: Plan, rank: int, src: Regions, dst: Regions, bucket_bytes: int, stats: MoveStats) -> None:
+    """This rank's local pieces, copied in bucket-sized slabs to bound memory."""
     for t in plan.local(rank):
         elem = t.nbytes // t.box.numel
         for piece in t.box.split(max(1, bucket_bytes // elem)):
             dst[(t.key, t.dst_index)].write(piece, src[(t.key, t.src_index)].read(piece))
         stats.bytes_local += t.nbytes
-    for rnd in plan.rounds(world, bucket_bytes):
+
+
+def run_rounds(rounds: list[dict], rank: int, src: Regions, dst: Regions, device: torch.device,
+               dtype: torch.dtype, stats: MoveStats) -> None:
+    """Collective over the world: each rank sends/receives its bucket of every round."""
+    for rnd in rounds:
         works, inbox, held = [], None, 0
         for (s, d), bucket in rnd.items():
             if s == rank:
@@ -139,4 +141,3 @@ def execute(plan: Plan, rank: int, world: int, src: Regions, dst: Regions, bucke
                 dst[(t.key, t.dst_index)].write(t.box, buf[offset: offset + t.box.numel])
                 offset += t.box.numel
             stats.bytes_received += buf.numel() * buf.element_size()
-    return stats

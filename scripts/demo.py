@@ -1,65 +1,111 @@
-"""Foundation demo (torchrun, 3 ranks): SmolLM2 at TP3·PP1, then at TP1·PP3 in the same
-processes; the same greedy answer to a chat prompt from each.
+"""The main job (`make demo`): serve SmolLM2 on 3 CPU ranks and switch topology live.
 
-    python -m torch.distributed.run --standalone --nproc-per-node=3 scripts/demo.py --model runs/smollm2
+Starts `remp serve` at TP3·PP1, streams several chat prompts, and while they stream switches
+to TP1·PP3, to TP1·PP1 (two ranks standby) and back to TP3·PP1, printing each switch's downtime
+and phases. Then runs the same prompts without switching and checks the answers are equal,
+and shuts the server down with SIGTERM.
+
+    python scripts/demo.py --model runs/smollm2
 """
 import argparse
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
-import torch.distributed as dist
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from remp_megatron.engine import Engine, EngineConfig, load_worker, worker_loop
-from remp_megatron.request import Request, SamplingParams
-from remp_megatron.runtime import init_distributed
-from remp_megatron.spec import ModelSpec
-from remp_megatron.topology import Topology
+from server.api import pb  # noqa: E402
+from server.client import RempClient  # noqa: E402
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "How many legs does a spider have?",
+    "Name three colors of the rainbow.",
+    "What is 2 plus 2?",
+    "Give one tip for staying healthy.",
+]
+SWITCHES = [(1, 3), (1, 1), (3, 1)]
 
 
-def main():
-    p = argparse.ArgumentParser()
+def stream_all(client: RempClient, max_new: int, log: bool) -> list[str]:
+    answers = [""] * len(PROMPTS)
+
+    def run(i: int) -> None:
+        for chunk in client.stream([{"role": "user", "content": PROMPTS[i]}], max_new_tokens=max_new):
+            answers[i] += chunk.text
+            if chunk.finished and log:
+                print(f"  [stream {i} done: {chunk.finish_reason}, {chunk.usage.completion_tokens} tokens]", flush=True)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    return answers, threads
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--topologies", nargs="+", default=["3x1", "1x3"])
+    p.add_argument("--max-new-tokens", type=int, default=48)
     args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        port_file = Path(tmp) / "port.json"
+        print("starting `remp serve` with SmolLM2-135M on 3 CPU ranks at TP3·PP1 ...", flush=True)
+        server = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", args.model, "--nproc", "3",
+                                   "--tp", "3", "--pp", "1", "--port", "0", "--port-file", str(port_file)],
+                                  stdout=subprocess.DEVNULL, stderr=open(Path(tmp) / "server.log", "w"))
+        while not port_file.exists():
+            if server.poll() is not None:
+                print((Path(tmp) / "server.log").read_text()[-3000:], file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        import json
 
-    rt = init_distributed()
-    spec = ModelSpec.from_file(Path(args.model) / "config.json")
-    from transformers import AutoTokenizer
+        addr = f"127.0.0.1:{json.loads(port_file.read_text())['port']}"
+        client = RempClient(addr)
+        print(f"serving on {addr}: {client.health()}\n")
 
-    tok = AutoTokenizer.from_pretrained(args.model)
-    prompt = list(tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=True)["input_ids"])
-    answers = {}
-    for t in args.topologies:
-        topo = Topology.parse(t)
-        t0 = time.perf_counter()
-        cfg = EngineConfig(kv_budget_mb=32)
-        worker = load_worker(rt, spec, args.model, topo, cfg)
-        t1 = time.perf_counter()
-        if rt.rank != 0:
-            worker_loop(worker)
-            continue
-        engine = Engine(worker, cfg, tok)
-        handle = engine.add_request(Request(request_id=t, prompt_token_ids=prompt,
-                                            params=SamplingParams(max_new_tokens=args.max_new_tokens)))
-        engine.run_until_idle()
-        engine.stop_workers()
-        answer = handle.result()
-        t2 = time.perf_counter()
-        answers[t] = answer.token_ids
-        n = len(answer.token_ids)
-        print(f"[{topo}] build+load {t1 - t0:.2f}s, {n} greedy tokens in {t2 - t1:.2f}s ({n / (t2 - t1):.1f} tok/s)")
-        print(f"[{topo}] {answer.text!r} ({answer.finish_reason.value})", flush=True)
-    same = rt.rank != 0 or len({tuple(a) for a in answers.values()}) == 1
-    if rt.rank == 0:
-        print(f"answers identical across {', '.join(answers)}: {same}")
-    dist.barrier()
-    dist.destroy_process_group()
-    if not same:
-        raise SystemExit(1)
+        print(f"streaming {len(PROMPTS)} chat prompts, switching topology while they run:")
+        answers, threads = stream_all(client, args.max_new_tokens, log=True)
+        while client.status().running_requests < len(PROMPTS):
+            time.sleep(0.05)
+        for tp, pp in SWITCHES:
+            time.sleep(0.5)
+            for ev in client.reconfigure(tp, pp):
+                kind = pb.ReconfigureEvent.Kind.Name(ev.kind)
+                if kind == "PHASE":
+                    print(f"      {ev.phase:<13s}{ev.seconds * 1e3:7.1f} ms" + (f"  {ev.bytes / 2**20:6.1f} MiB"
+                                                                                 if ev.bytes else ""))
+                elif kind == "ACCEPTED":
+                    st = client.status()
+                    print(f"  switch {ev.source} -> {ev.target} with {st.running_requests} requests mid-stream")
+                else:
+                    print(f"    {kind.lower()}: downtime {ev.downtime_s * 1e3:.0f} ms (pause -> first token)"
+                          + (f", {ev.reason}" if ev.reason else ""), flush=True)
+            st = client.status()
+            print(f"    now {st.topology}: active ranks {list(st.active_ranks)}, standby {list(st.standby_ranks)}")
+        for t in threads:
+            t.join()
+
+        print("\nsame prompts again, no switch (reference):")
+        reference, threads = stream_all(client, args.max_new_tokens, log=False)
+        for t in threads:
+            t.join()
+        same = answers == reference
+        for q, a, r in zip(PROMPTS, answers, reference):
+            print(f"  Q: {q}\n  A: {a.strip()!r}" + ("" if a == r else f"\n  reference: {r.strip()!r}"))
+        print(f"\nanswers with live switches == answers without: {same}")
+        history = client.status().switch_history
+        print("switch history:", ", ".join(f"{s.source}->{s.target} {s.downtime_s * 1e3:.0f} ms" for s in history))
+        client.close()
+        server.terminate()
+        code = server.wait(timeout=120)
+        print(f"server shut down on SIGTERM, exit code {code}")
+        return 0 if same and code == 0 else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -46,7 +46,8 @@ def switch_plan():
     assert tour[0] == START
     plan = [{"target": t, "mode": "migrate", "kv_check": i % 5 == 0} for i, t in enumerate(tour[1:])]
     plan += [{"target": "1x4", "mode": "recompute"}, {"target": "2x2", "mode": "recompute"},
-             {"target": "4x1", "mode": "drain"}, {"target": "2x2", "mode": "drain"}]
+             {"target": "4x1", "mode": "drain"}, {"target": "2x2", "mode": "drain"},
+             {"target": "1x4", "prestage": True}, {"target": "2x2", "prestage": True}]
     for i, phase in enumerate(PHASES):  # a fault in every phase, on varying ranks: all roll back
         plan.append({"target": "1x4" if i % 2 else "4x1", "fault": {"phase": phase, "rank": i % 4}})
     plan.append({"target": "1x2", "fault": {"phase": "move_weights", "rank": 3, "kind": "stall"}, "timeout": 1.5})
@@ -57,7 +58,8 @@ def switch_plan():
 def run(llama_mg, tmp_path_factory):
     d = tmp_path_factory.mktemp("reconfig")
     job = {"model": str(llama_mg), "start": START, "requests": requests(70), "switches": switch_plan(),
-           "min_inflight": 3, "engine": {"block_size": BLOCK, "num_blocks": 96, "max_tokens_per_step": 64}}
+           "min_inflight": 3, "engine": {"block_size": BLOCK, "num_blocks": 96, "max_tokens_per_step": 64,
+                      "prestage_budget_mb": 64}}
     (d / "job.json").write_text(json.dumps(job))
     torchrun("reconfig_world.py", 4, ["--spec", d / "job.json", "--out", d / "out.json"], timeout=900)
     return job, json.loads((d / "out.json").read_text()), d
@@ -134,6 +136,15 @@ def test_recompute_and_drain_modes(run):
     for s in modes:
         assert s["timeline"]["committed"] and s["timeline"]["kv_blocks"] == 0  # no KV migrated
     assert modes[0]["preempted_by_switch"] > 0  # recompute re-queued the in-flight requests
+
+
+def test_prestaged_switch_moves_only_kv_in_the_pause(run):
+    for s in run[1]["switches"][34:36]:
+        tl = s["timeline"]
+        assert tl["committed"] and tl["prestaged"] and s["steps_while_staging"] >= 1
+        assert s["prestage"]["weights_moved"] > 0 and tl["weights_moved"] == s["prestage"]["weights_moved"]
+        assert tl["bytes_sent_in_pause"] == tl["kv_moved"]  # the pause moved no weight bytes
+        assert tl["kv_blocks"] > 0 and len(s["inflight"]) >= 3
 
 
 @pytest.mark.parametrize("phase", PHASES)

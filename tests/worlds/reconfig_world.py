@@ -2,7 +2,7 @@
 
 Input (--spec JSON): {"model", "start", "engine": {...}, "requests": [{"id", "prompt",
 "max_new"}], "switches": [{"target", "mode", "fault": {phase, rank, kind} | null,
-"timeout": s, "kv_check": bool}], "min_inflight": n}.
+"timeout": s, "kv_check": bool, "prestage": bool}], "min_inflight": n}.
 Rank 0 keeps >= min_inflight requests mid-generation at every switch and writes --out JSON:
 {"requests": {id: tokens}, "switches": [{timeline, rolled_back, topology_after, inflight,
 kv_check}], "preemptions"}. Every rank writes its weight hashes at start and end to
@@ -54,6 +54,16 @@ def drive(engine: Engine, job: dict, rt) -> dict:
         inflight = {s.request_id: s.num_tokens for s in engine.sched.running if s.output}  # token positions
         fault = Fault(**sw["fault"]) if sw.get("fault") else None
         rec = {"inflight": inflight}
+        if sw.get("prestage"):  # move the weights while serving goes on, then switch
+            rec["prestage"] = dataclasses.asdict(engine.prestage(Topology.parse(sw["target"])))
+            steps = 0
+            while engine.prestaged is None:
+                engine.step()
+                top_up()
+                steps += 1
+            rec["steps_while_staging"] = steps
+            inflight = {s.request_id: s.num_tokens for s in engine.sched.running if s.output}
+            rec["inflight"] = inflight
         preempted_before = engine.sched.num_preemptions
         try:
             tl = engine.reconfigure(Topology.parse(sw["target"]), sw.get("mode", "migrate"), fault,

@@ -1,0 +1,206 @@
+"""The gRPC server over real loopback gRPC: a world of 4 ranks serving a tiny Llama while it
+switches topology; error statuses; disconnects; the CLI; metrics."""
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+import torch
+
+from conftest import Server
+from server.api import pb
+from server.client import RempClient
+
+pytestmark = pytest.mark.world
+
+N_STREAMS = 30
+MAX_NEW = 24
+
+
+def test_proto_stubs_are_current():
+    from pathlib import Path
+
+    from server.protogen import PROTO_ROOT, generated_now
+
+    fresh = generated_now()
+    assert fresh and all((PROTO_ROOT / "remp" / "v1" / n).read_text() == t for n, t in fresh.items())
+    assert Path(PROTO_ROOT / "remp" / "v1" / "remp.proto").exists()
+
+
+@pytest.fixture(scope="module")
+def server(llama_mg, tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("server"), llama_mg, 4, 2, 2, "--allow-fault-injection", "--max-queue", "64",
+               "--max-new-tokens", "256", "--max-prompt-tokens", "128", "--metrics-port", "0")
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with RempClient(server.addr) as c:
+        yield c
+
+
+def prompts(n):
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(3, 256, (int(torch.randint(4, 40, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def reference(llama_hf):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(llama_hf), dtype=torch.float32).eval()
+    return [hf.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, do_sample=False)[0, len(p):].tolist()
+            for p in prompts(N_STREAMS)]
+
+
+def wait_until(cond, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def switch(client, tp, pp, mode="migrate", **kw):
+    events = list(client.reconfigure(tp, pp, mode, **kw))
+    return events, events[-1]
+
+
+def test_thirty_streams_survive_three_switches(client, reference):
+    results = [None] * N_STREAMS
+
+    def run(i, ids):
+        toks, last = [], None
+        for chunk in client.stream(ids, request_id=f"s{i}", max_new_tokens=MAX_NEW):
+            toks += chunk.token_ids
+            last = chunk
+        results[i] = (toks, last.finish_reason)
+
+    threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(prompts(N_STREAMS))]
+    for t in threads:
+        t.start()
+    wait_until(lambda: client.status().running_requests >= 8)
+    outcomes = []
+    for tp, pp, mode in ((1, 4, "migrate"), (4, 1, "recompute"), (2, 2, "migrate")):
+        events, last = switch(client, tp, pp, mode)
+        assert [pb.ReconfigureEvent.Kind.Name(e.kind) for e in events][0] == "ACCEPTED"
+        assert [e.phase for e in events if e.kind == pb.ReconfigureEvent.PHASE][-1] == "commit"
+        outcomes.append(last.kind)
+    for t in threads:
+        t.join(timeout=300)
+    assert outcomes == [pb.ReconfigureEvent.COMMITTED] * 3
+    assert all(r is not None for r in results), "a stream was lost"
+    for (toks, reason), ref in zip(results, reference):
+        assert toks == ref and reason in ("length", "stop")
+    st = client.status()
+    assert st.topology == "TP2·PP2" and sum(s.committed for s in st.switch_history) >= 3
+
+
+def test_invalid_topology_is_rejected_and_changes_nothing(client):
+    before = client.status()
+    with pytest.raises(grpc.RpcError) as e:
+        switch(client, 3, 1)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "must divide" in e.value.details()
+    after = client.status()
+    assert after.topology == before.topology and len(after.switch_history) == len(before.switch_history)
+    assert client.generate([5, 6, 7], max_new_tokens=2).finish_reason == "length"
+
+
+def test_second_reconfigure_while_one_runs_is_refused(client):
+    long = threading.Thread(target=lambda: client.generate([9, 8, 7], max_new_tokens=200))
+    long.start()
+    wait_until(lambda: client.status().running_requests >= 1)
+    first = []
+    t = threading.Thread(target=lambda: first.append(switch(client, 1, 4, "drain")[1]))
+    t.start()
+    wait_until(lambda: client.status().reconfiguring)
+    with pytest.raises(grpc.RpcError) as e:
+        switch(client, 4, 1)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    t.join(timeout=300)
+    long.join(timeout=300)
+    assert first[0].kind == pb.ReconfigureEvent.COMMITTED
+    switch(client, 2, 2)
+    assert client.status().topology == "TP2·PP2"
+
+
+@pytest.mark.parametrize("build, needle", [
+    (lambda: pb.GenerateRequest(), "prompt"),
+    (lambda: pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 999999])), "token ids"),
+    (lambda: pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]), params=pb.SamplingParams(max_new_tokens=10**6)),
+     "max_new_tokens"),
+    (lambda: pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1] * 129)), "exceeds the server limit"),
+    (lambda: pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]), params=pb.SamplingParams(top_p=0.0)), "top_p"),
+    (lambda: pb.GenerateRequest(text="hello"), "no tokenizer"),
+])
+def test_malformed_requests_get_invalid_argument(client, build, needle):
+    with pytest.raises(grpc.RpcError) as e:
+        client.inference.Generate(build())
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in e.value.details()
+    assert client.generate([4, 5], max_new_tokens=1).finish_reason == "length"  # still serving
+
+
+def test_rolled_back_switch_reports_why_and_serving_continues(client, reference):
+    ids = prompts(4)
+    results = [None] * 4
+
+    def run(i):
+        results[i] = [t for c in client.stream(ids[i], max_new_tokens=MAX_NEW) for t in c.token_ids]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: client.status().running_requests >= 2)
+    _, last = switch(client, 1, 4, inject_fault="move_kv:2")
+    assert last.kind == pb.ReconfigureEvent.ROLLED_BACK and "injected fault" in last.reason and "move_kv" in last.reason
+    for t in threads:
+        t.join(timeout=300)
+    assert results == reference[:4]
+    assert client.status().topology == "TP2·PP2"
+
+
+def test_client_disconnect_cancels_and_frees_blocks(client):
+    call = client.stream([3, 1, 4, 1, 5], request_id="gone", max_new_tokens=250)
+    next(call)
+    assert client.status().kv_blocks_used > 0
+    call.cancel()
+    wait_until(lambda: client.status().kv_blocks_used == 0 and client.status().running_requests == 0, 30)
+    assert client.cancel("gone") is False  # already cancelled by the disconnect
+
+
+def remp(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=120)
+    assert not check or proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_cli_against_live_server(server):
+    st = json.loads(remp("status", "--addr", server.addr, "--json").stdout)
+    assert st["topology"] == "TP2·PP2" and st["world_size"] == 4
+    assert remp("health", "--addr", server.addr).stdout.strip() == "SERVING"
+    events = [json.loads(line) for line in remp("reconfigure", "--tp", "1", "--pp", "2", "--addr", server.addr,
+                                                  "--json").stdout.splitlines()]
+    assert events[0]["kind"] == "ACCEPTED" and events[-1]["kind"] == "COMMITTED"
+    assert json.loads(remp("status", "--addr", server.addr, "--json").stdout)["standby_ranks"] == [2, 3]
+    out = remp("reconfigure", "--tp", "2", "--pp", "2", "--addr", server.addr).stdout
+    assert "committed: TP1·PP2 -> TP2·PP2" in out and "move_weights" in out
+    bad = remp("generate", "hello", "--addr", server.addr, check=False)  # tiny model: no tokenizer
+    assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr
+
+
+def test_metrics_endpoint(server, client):
+    port = None
+    for line in server.log_path.read_text().splitlines():
+        if "metrics on" in line:
+            port = int(line.rsplit(":", 1)[1])
+    assert port, "server did not log its metrics port"
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for name in ("remp_ttft_seconds_count", "remp_switches_total", "remp_switch_phase_seconds_bucket",
+                 "remp_kv_blocks_free", "remp_queue_depth", "remp_generated_tokens_total"):
+        assert name in body

@@ -1,0 +1,101 @@
+"""Server security, admission limits, chat through the CLI and graceful SIGTERM, on a 1-rank
+SmolLM2 server with an admin token configured."""
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+
+from conftest import Server
+from server.client import RempClient
+
+pytestmark = pytest.mark.world
+TOKEN = "s3cret-admin-token"
+
+
+@pytest.fixture(scope="module")
+def server(smol_mg, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("admin-server")
+    (tmp / "token").write_text(TOKEN + "\n")
+    s = Server(tmp, smol_mg, 1, 1, 1, "--admin-token-file", str(tmp / "token"), "--max-num-seqs", "1",
+               "--max-queue", "2", "--shutdown-grace", "1")
+    yield s
+    s.stop()
+
+
+def remp(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=120,
+                          env=env)
+
+
+@pytest.mark.parametrize("token", [None, "wrong"])
+def test_admin_without_the_token_is_refused_and_changes_nothing(server, token, monkeypatch):
+    monkeypatch.delenv("REMP_ADMIN_TOKEN", raising=False)
+    with RempClient(server.addr, token=token) as c:
+        for call in (lambda: c.status(), lambda: list(c.reconfigure(1, 1))):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert c.health() == "SERVING"  # health and inference stay open
+    with RempClient(server.addr, token=TOKEN) as c:
+        assert c.status().switch_history == [] and c.status().topology == "TP1·PP1"
+
+
+def test_cli_chat_generate_and_status_with_token(server, tmp_path):
+    out = remp("generate", "What is the capital of France?", "--chat", "--max-new-tokens", "24",
+               "--addr", server.addr)
+    assert out.returncode == 0 and "Paris" in out.stdout and "[stop" in out.stderr
+    (tmp_path / "t").write_text(TOKEN)
+    st = json.loads(remp("status", "--addr", server.addr, "--token-file", str(tmp_path / "t"), "--json").stdout)
+    assert st["topology"] == "TP1·PP1"
+    refused = remp("status", "--addr", server.addr)
+    assert refused.returncode == 2 and "UNAUTHENTICATED" in refused.stderr
+
+
+def test_full_admission_queue_is_resource_exhausted(server):
+    with RempClient(server.addr, token=TOKEN) as c:
+        calls = [c.stream([1, 2, 3, 4], request_id=f"long{i}", max_new_tokens=1000, ignore_eos=True) for i in range(3)]
+        for call in calls:  # one runs (max_num_seqs 1), two wait (max_queue 2)
+            threading.Thread(target=lambda it=call: [None for _ in it], daemon=True).start()
+        deadline = time.monotonic() + 60
+        while (c.status().running_requests, c.status().queue_depth) != (1, 2):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate([5, 6], max_new_tokens=1)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert all(c.cancel(f"long{i}") for i in range(3))
+        assert c.generate([5, 6], max_new_tokens=1).finish_reason == "length"  # serving again
+
+
+def test_beyond_loopback_without_token_does_not_start(smol_mg, monkeypatch):
+    monkeypatch.delenv("REMP_ADMIN_TOKEN", raising=False)
+    out = remp("serve", "--model", str(smol_mg), "--nproc", "1", "--host", "0.0.0.0")
+    assert out.returncode != 0 and "needs an admin token" in out.stderr
+
+
+def test_sigterm_answers_every_request_and_exits_cleanly(server):
+    results = []
+    with RempClient(server.addr, token=TOKEN) as c:
+        def run(i):
+            last = None
+            for chunk in c.stream([7, 8, 9], request_id=f"t{i}", max_new_tokens=800, ignore_eos=True):
+                last = chunk
+            results.append(last.finish_reason)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while c.status().running_requests + c.status().queue_depth < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert server.stop() == 0
+        for t in threads:
+            t.join(timeout=60)
+    assert sorted(results) == ["aborted"] * 3  # every stream got a final chunk with a status
+    log = server.log_path.read_text()
+    assert "rank 0 exited cleanly" in log
