@@ -145,7 +145,6 @@ class Engine:
         self.worker, self.spec, self.group, self.cfg = worker, worker.spec, worker.group, cfg
         self.tokenizer = tokenizer
         spec = self.spec
-        self.history: list[Timeline] = []  # every reconfiguration attempt, committed or not
         self.sched = Scheduler(SchedulerConfig(
             num_blocks=worker.runner.kv.buffer.shape[2], block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
             max_tokens_per_step=cfg.max_tokens_per_step, max_queue=cfg.max_queue,
@@ -278,13 +277,8 @@ class Engine:
                 order = ReconfigureOrder(target, mode, kv, self.cfg.block_size, int(bucket_mb * 2**20),
                                          phase_timeout_s, fault)
                 exchange_command(Command("reconfigure", order), self.group)
-                try:
-                    tl = self.worker.reconfigure(order, progress)
-                except RolledBack as e:
-                    self.history.append(e.timeline)
-                    raise
+                tl = self.worker.reconfigure(order, progress)  # raises RolledBack: nothing changed
                 self.sched.rebind(kv.new_num_blocks, kv.old_ids, kv.new_ids, kv.dropped)
-                self.history.append(tl)
                 return tl
         finally:
             self.sched.admit = True

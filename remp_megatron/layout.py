@@ -149,7 +149,3 @@ def plan_transfers(old: Layout, new: Layout, elem_bytes: dict[str, int]) -> Plan
             if covered != d.box.numel:
                 raise PlanError(f"{key}: old primary shards cover {covered} of {d.box.numel} elements for rank {d.rank}")
     return plan
-
-
-def layout_bytes(layout: Layout, elem_bytes: dict[str, int]) -> int:
-    return sum(s.box.numel * elem_bytes[k] for k, shards in layout.items() for s in shards)

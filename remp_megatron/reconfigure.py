@@ -195,9 +195,7 @@ class Worker:
             error = carried
             if error is None:
                 error = self._attempt(lambda: self._local(phase, order, new, tl), order, t0)
-            errors = [None] * self.world
-            dist.all_gather_object(errors, error, group=self.group)
-            failed = next((e for e in errors if e), None)
+            failed = self._vote(error)
             if failed:
                 tl.phases[phase] = time.perf_counter() - t0
                 tl.failed_phase, tl.error = phase, failed
@@ -209,6 +207,17 @@ class Worker:
                 progress(phase, tl)
         if carried:  # the commit's own communication failed after every vote passed
             raise RuntimeError(f"reconfiguration failed after its commit point: {carried}")
+
+    def _vote(self, error: Optional[str]) -> Optional[str]:
+        """Collective: None if every rank succeeded, else the first rank's error. A one-int
+        all-reduce in the common case; error texts are gathered only when someone failed."""
+        flag = torch.tensor([0 if error is None else 1], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if not flag.item():
+            return None
+        errors = [None] * self.world
+        dist.all_gather_object(errors, error, group=self.group)
+        return next(e for e in errors if e)
 
     def _attempt(self, fn, order: ReconfigureOrder, t0: float) -> Optional[str]:
         try:

@@ -66,7 +66,6 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
     text: str = ""  # detokenised output so far (stop strings are cut from it)
-    num_preemptions: int = 0
 
     @property
     def tokens(self) -> list[int]:

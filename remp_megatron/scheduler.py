@@ -212,7 +212,6 @@ class Scheduler:
         self.running.remove(seq)
         self._release(seq)
         seq.status = Status.WAITING
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 

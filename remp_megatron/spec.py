@@ -62,12 +62,6 @@ class ModelSpec(BaseModel):
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """K and V for every layer and KV head of one token, whole model."""
-        elem = torch.tensor([], dtype=self.torch_dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
-
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelSpec":
         def fail(field: str, why: str) -> SpecError:

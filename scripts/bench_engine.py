@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from remp_megatron.topology import Topology
+
 
 def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
@@ -113,6 +115,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--kv-budget-mb", type=float, default=64)
     p.add_argument("--hf-threads", type=int, default=2)
+    p.add_argument("--profile-out", help="write the adaptive policy's cost profile (JSON) here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -127,6 +130,15 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "checkpoint_tools.convert", "export", args.model, f"{tmp}/hf"], check=True,
                        stdout=subprocess.DEVNULL)
         rows += hf_reference(args, Path(tmp) / "hf")
+    if args.profile_out:
+        from remp_megatron.policy import CostProfile, TopologyCost
+
+        ours = [r for r in rows if r["impl"].startswith("ReMP")]
+        lo, hi = min(args.batch_sizes), max(args.batch_sizes)
+        CostProfile(tuple(
+            TopologyCost(f"{t.tp}x{t.pp}", next(r["tpot_s"] for r in ours if r["impl"] == f"ReMP {t}" and r["batch"] == lo),
+                         next(r["tok_s"] for r in ours if r["impl"] == f"ReMP {t}" and r["batch"] == hi))
+            for t in map(Topology.parse, args.topologies))).save(Path(args.profile_out))
     hf = {r["batch"]: r for r in rows if r["impl"] == "HF transformers"}
     print(f"\nprompt {args.prompt_len} tokens, {args.new_tokens} new tokens, median of {args.runs} runs\n")
     print("| implementation | batch | tokens/s | × HF | TTFT ms | TPOT ms |")

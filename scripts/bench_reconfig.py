@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-PHASE_COLS = ("build", "plan", "move_weights", "move_kv", "apply", "commit")
+PHASE_COLS = ("validate", "build", "plan", "move_weights", "move_kv", "apply", "commit")
 
 
 def gloo_bandwidth(rt, nbytes: int = 64 * 2**20, reps: int = 5) -> float:
@@ -191,28 +191,35 @@ def report(res: dict, restarts: dict, stop_s: float, args) -> None:
     print(f"\nworld {res['world']}, {args.requests} requests in flight ({args.prompt_len}-token prompts), "
           f"median of {args.runs} runs; gloo p2p bandwidth {bw / 2**20:.0f} MiB/s; stopping the serving world "
           f"took {stop_s:.1f} s (included in restart)\n")
-    print("| transition | downtime ms | prestaged ms | " + " | ".join(f"{c} ms" for c in PHASE_COLS)
+    print("Downtime = pause (all switch phases) + the first decode step at the new topology.\n")
+    print("| transition | downtime ms | pause ms | first step ms | prestaged downtime ms | prestaged pause ms | "
+          + " | ".join(f"{c} ms" for c in PHASE_COLS)
           + " | weights moved MiB | KV moved MiB | peak extra MiB | lower bound ms | restart s | restart ÷ live |")
-    print("|---|" + "---:|" * (len(PHASE_COLS) + 9))
-    live_all, staged_all, ratio_all = [], [], []
+    print("|---|" + "---:|" * (len(PHASE_COLS) + 12))
+    live_all, staged_all, ratio_all, pre_pause_all = [], [], [], []
     for tr in dict.fromkeys(r["transition"] for r in res["rows"]):
         rows = [r for r in res["rows"] if r["transition"] == tr and not r["prestaged"]]
         staged = [r for r in res["rows"] if r["transition"] == tr and r["prestaged"]]
         med = lambda xs: statistics.median(xs)  # noqa: E731
         live = med(r["downtime_s"] for r in rows)
         pre = med(r["downtime_s"] for r in staged)
+        pause = med(sum(r["phases"].values()) for r in rows)
+        pre_pause = med(sum(r["phases"].values()) for r in staged)
         phases = [med(r["phases"].get(c, 0.0) for r in rows) * 1e3 for c in PHASE_COLS]
         moved = rows[0]["weights_moved"] + rows[0]["kv_moved"]
         ratio = restarts[tr] / live
         live_all.append(live)
         staged_all.append(pre)
+        pre_pause_all.append(pre_pause)
         ratio_all.append(ratio)
-        print(f"| {tr} | {live * 1e3:.0f} | {pre * 1e3:.0f} | " + " | ".join(f"{x:.0f}" for x in phases)
+        print(f"| {tr} | {live * 1e3:.0f} | {pause * 1e3:.0f} | {(live - pause) * 1e3:.0f} | {pre * 1e3:.0f} | "
+              f"{pre_pause * 1e3:.0f} | " + " | ".join(f"{x:.0f}" for x in phases)
               + f" | {rows[0]['weights_moved'] / 2**20:.1f} | {rows[0]['kv_moved'] / 2**20:.2f} | "
               f"{med(r['peak_extra'] for r in rows) / 2**20:.0f} | {moved / bw * 1e3:.0f} | {restarts[tr]:.1f} | "
               f"{ratio:.0f}× |")
     print(f"\nmedian over transitions: live {statistics.median(live_all) * 1e3:.0f} ms, pre-staged "
-          f"{statistics.median(staged_all) * 1e3:.0f} ms, restart ÷ live {statistics.median(ratio_all):.0f}×")
+          f"{statistics.median(staged_all) * 1e3:.0f} ms (pause {statistics.median(pre_pause_all) * 1e3:.0f} ms), "
+          f"restart ÷ live {statistics.median(ratio_all):.0f}×")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     remp generate "What is the capital of France?" [--chat] [--max-new-tokens 64] [--json]
     remp reconfigure --tp 1 --pp 3 [--mode migrate|recompute|drain] [--json]
     remp status [--json]
+    remp policy on|off
     remp health [--json]
 """
 from __future__ import annotations
@@ -34,14 +35,18 @@ def _emit(args, msg, text: str) -> None:
 
 
 def cmd_serve(args) -> int:
-    from .config import ServerConfig
     from remp_megatron.engine import EngineConfig
+    from remp_megatron.policy import PolicyConfig
+
+    from .config import ServerConfig
 
     cfg = ServerConfig(
         model=Path(args.model).resolve(), tp=args.tp, pp=args.pp, host=args.host, port=args.port,
         metrics_port=args.metrics_port, admin_token_file=args.admin_token_file, tls_cert=args.tls_cert,
         tls_key=args.tls_key, max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-        shutdown_grace_s=args.shutdown_grace,
+        shutdown_grace_s=args.shutdown_grace, policy_profile=args.policy_profile, policy_enabled=args.policy,
+        policy=PolicyConfig(interval_s=args.policy_interval, low_load=args.policy_low, high_load=args.policy_high,
+                            patience=args.policy_patience, min_dwell_s=args.policy_min_dwell),
         engine=EngineConfig(kv_budget_mb=args.kv_budget_mb, max_num_seqs=args.max_num_seqs,
                             max_queue=args.max_queue, block_size=args.block_size))
     cfg.admin_token()  # refuse to start beyond loopback without a token
@@ -110,8 +115,19 @@ def cmd_status(args) -> int:
             f"{st.kv_blocks_used} free {st.kv_blocks_free} (block {st.kv_block_size})\nswitches: "
             + ("none" if not st.switch_history else "".join(
                 f"\n  {s.source} -> {s.target} ({s.mode}) {'committed' if s.committed else 'rolled back'} "
-                f"{s.downtime_s * 1e3:.0f} ms" for s in st.switch_history)))
+                f"{s.downtime_s * 1e3:.0f} ms" for s in st.switch_history))
+            + (f"\npolicy: {'on' if st.policy.enabled else 'off'}" + "".join(
+                f"\n  t={d.time_s:.0f}s {d.current} wants {d.wanted}: {d.reason}" for d in st.policy.decisions[-5:])
+               if st.HasField("policy") else ""))
     _emit(args, st, text)
+    return 0
+
+
+def cmd_policy(args) -> int:
+    with _client(args) as c:
+        st = c.set_policy(args.state == "on")
+    _emit(args, st, f"policy {'on' if st.enabled else 'off'}: latency-optimal {st.latency_best}, "
+                    f"throughput-optimal {st.throughput_best}")
     return 0
 
 
@@ -152,6 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-queue", type=int, default=256)
     s.add_argument("--block-size", type=int, default=16)
     s.add_argument("--shutdown-grace", type=float, default=10.0)
+    s.add_argument("--policy-profile", help="cost profile JSON for the adaptive policy (bench_engine.py --profile-out)")
+    s.add_argument("--policy", action="store_true", help="start with the adaptive policy on")
+    s.add_argument("--policy-interval", type=float, default=1.0)
+    s.add_argument("--policy-low", type=float, default=1.0, help="load at or below: latency-optimal topology")
+    s.add_argument("--policy-high", type=float, default=6.0, help="load at or above: throughput-optimal topology")
+    s.add_argument("--policy-patience", type=int, default=3)
+    s.add_argument("--policy-min-dwell", type=float, default=15.0)
     s.add_argument("--allow-fault-injection", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("torchrun", nargs=argparse.REMAINDER, help="after --: torchrun flags (multi-node etc.)")
     s.set_defaults(fn=cmd_serve)
@@ -174,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--mode", default="migrate", choices=["migrate", "recompute", "drain"])
     client_opts(r)
     r.set_defaults(fn=cmd_reconfigure)
+
+    po = sub.add_parser("policy", help="turn the adaptive topology policy on or off")
+    po.add_argument("state", choices=["on", "off"])
+    client_opts(po)
+    po.set_defaults(fn=cmd_policy)
 
     for name, fn, help_ in (("status", cmd_status, "topology, queue, KV, switch history"),
                             ("health", cmd_health, "gRPC health check")):

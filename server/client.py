@@ -65,6 +65,9 @@ class RempClient:
     def status(self, timeout: Optional[float] = None) -> pb.StatusResponse:
         return self.admin.GetStatus(pb.StatusRequest(), metadata=self._admin_md(), timeout=timeout)
 
+    def set_policy(self, enabled: bool, timeout: Optional[float] = None) -> pb.PolicyState:
+        return self.admin.SetPolicy(pb.SetPolicyRequest(enabled=enabled), metadata=self._admin_md(), timeout=timeout)
+
     def health(self, service: str = "", timeout: Optional[float] = 5) -> str:
         resp = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)

@@ -9,6 +9,7 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from remp_megatron.engine import EngineConfig
+from remp_megatron.policy import PolicyConfig
 
 from .api import TOKEN_ENV
 
@@ -30,6 +31,9 @@ class ServerConfig(BaseModel):
     max_message_bytes: int = Field(4 * 2**20, ge=1024)
     shutdown_grace_s: float = Field(10.0, ge=0)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    policy_profile: Optional[Path] = None  # cost profile JSON (bench_engine.py --profile-out)
+    policy_enabled: bool = False  # on at start (else via Admin.SetPolicy)
 
     @property
     def loopback_only(self) -> bool:

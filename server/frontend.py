@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from concurrent import futures
 from typing import Optional
 
@@ -43,6 +44,9 @@ class Frontend(pb_grpc.InferenceServicer, pb_grpc.AdminServicer):
         self.allow_fault_injection = allow_fault_injection
         self.accepting = True
         self.switches: list[pb.SwitchRecord] = []
+        self.arrivals: deque[float] = deque(maxlen=100_000)  # submission times (policy signal)
+        self.recent_latencies: deque[tuple[float, float]] = deque(maxlen=64)  # (TTFT, TPOT) of finished
+        self.policy = None  # a PolicyLoop when the server has a cost profile
         self._switch_lock = threading.Lock()
         self._ids = itertools.count(1)
 
@@ -97,6 +101,24 @@ class Frontend(pb_grpc.InferenceServicer, pb_grpc.AdminServicer):
         finally:
             self._switch_lock.release()
 
+    def SetPolicy(self, request, context):
+        self._authorize(context)
+        if self.policy is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no policy cost profile (serve --policy-profile FILE)")
+        self.policy.enabled = request.enabled
+        return self.policy.state()
+
+    def try_switch(self, target: Topology, reason: str) -> bool:
+        """A switch decided inside the server (the policy); False if one is already running."""
+        if not self._switch_lock.acquire(blocking=False):
+            return False
+        try:
+            log.info("policy switch to %s: %s", target, reason)
+            self._switch(target, "migrate", None, queue.Queue())
+            return True
+        finally:
+            self._switch_lock.release()
+
     def GetStatus(self, request, context):
         self._authorize(context)
         st = self.engine.state()
@@ -108,12 +130,13 @@ class Frontend(pb_grpc.InferenceServicer, pb_grpc.AdminServicer):
             running_requests=sum(1 for s in st.sequences if s.status == "running"),
             kv_blocks_used=st.num_blocks - st.free_blocks, kv_blocks_free=st.free_blocks,
             kv_block_size=st.block_size, switch_history=list(self.switches),
-            reconfiguring=self._switch_lock.locked())
+            reconfiguring=self._switch_lock.locked(),
+            policy=self.policy.state() if self.policy is not None else None)
 
     # ---- internals --------------------------------------------------------------------
     def _switch(self, target: Topology, mode: str, fault: Optional[Fault], events: queue.Queue) -> None:
         """Pause at a step boundary, reconfigure, resume; stream events; record the outcome."""
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
 
         def progress(phase: str, tl: Timeline) -> None:
             nbytes = {"move_weights": tl.weights_moved, "move_kv": tl.kv_moved}.get(phase, 0)
@@ -139,12 +162,15 @@ class Frontend(pb_grpc.InferenceServicer, pb_grpc.AdminServicer):
             time.sleep(0.001)
         downtime = time.perf_counter() - t0
         committed = tl.committed
+        if committed and self.policy is not None:
+            self.policy.switched(target)
         metrics.SWITCHES.labels("committed" if committed else "rolled_back").inc()
         if committed:
             metrics.SWITCH_DOWNTIME.observe(downtime)
         self.switches.append(pb.SwitchRecord(
             source=tl.source, target=tl.target, mode=mode, committed=committed, downtime_s=downtime,
-            failed_phase=tl.failed_phase or "", error=tl.error or "", bytes_moved=tl.weights_moved + tl.kv_moved))
+            failed_phase=tl.failed_phase or "", error=tl.error or "", bytes_moved=tl.weights_moved + tl.kv_moved,
+            started_unix=started))
         kind = pb.ReconfigureEvent.COMMITTED if committed else pb.ReconfigureEvent.ROLLED_BACK
         events.put(pb.ReconfigureEvent(kind=kind, source=tl.source, target=tl.target, reason=reason,
                                        downtime_s=downtime, peak_extra_bytes=tl.peak_extra_bytes,
@@ -155,6 +181,7 @@ class Frontend(pb_grpc.InferenceServicer, pb_grpc.AdminServicer):
         if not self.accepting:
             context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         req = self._to_request(request, context)
+        self.arrivals.append(time.monotonic())
         try:
             return self.engine.add_request(req)
         except QueueFull as e:
@@ -220,6 +247,7 @@ class Frontend(pb_grpc.InferenceServicer, pb_grpc.AdminServicer):
             metrics.TTFT.observe(t[0] - handle.arrival)
         if len(t) > 1:
             metrics.TPOT.observe((t[-1] - t[0]) / (len(t) - 1))
+            self.recent_latencies.append((t[0] - handle.arrival, (t[-1] - t[0]) / (len(t) - 1)))
 
 
 def start_grpc(frontend: Frontend, cfg: ServerConfig) -> tuple[grpc.Server, int, health.HealthServicer]:

@@ -66,6 +66,12 @@ def serve_rank0(worker, cfg: ServerConfig, args) -> int:
     loop = threading.Thread(target=engine.run_forever, name="engine-loop", daemon=True)
     loop.start()
     frontend = Frontend(engine, cfg, tokenizer, allow_fault_injection=args.allow_fault_injection)
+    if cfg.policy_profile is not None:
+        from remp_megatron.policy import CostProfile
+
+        from .policy_loop import PolicyLoop
+
+        frontend.policy = PolicyLoop(frontend, cfg.policy, CostProfile.load(cfg.policy_profile), cfg.policy_enabled)
     server, port, health = start_grpc(frontend, cfg)
     metrics.bind_engine(engine)
     if cfg.metrics_port is not None:
@@ -78,6 +84,8 @@ def serve_rank0(worker, cfg: ServerConfig, args) -> int:
     log.info("shutting down: admission closed, %d request(s) in flight", len(engine.sched.running)
              + len(engine.sched.waiting))
     frontend.accepting = False
+    if frontend.policy is not None:
+        frontend.policy.stop()
     health.enter_graceful_shutdown()
     deadline = time.monotonic() + cfg.shutdown_grace_s
     while engine.has_work and time.monotonic() < deadline:

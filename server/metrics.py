@@ -15,6 +15,7 @@ SWITCH_PHASE = Histogram("remp_switch_phase_seconds", "Seconds per reconfigurati
                          buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 10))
 SWITCH_DOWNTIME = Histogram("remp_switch_downtime_seconds", "Pause to first token at the new topology",
                             buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+POLICY_DECISIONS = Counter("remp_policy_decisions_total", "Adaptive policy observations", ["action"])
 
 
 def bind_engine(engine) -> None:

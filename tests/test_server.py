@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import Server
+from remp_megatron.policy import CostProfile, TopologyCost
 from server.api import pb
 from server.client import RempClient
 
@@ -33,8 +34,13 @@ def test_proto_stubs_are_current():
 
 @pytest.fixture(scope="module")
 def server(llama_mg, tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("server"), llama_mg, 4, 2, 2, "--allow-fault-injection", "--max-queue", "64",
-               "--max-new-tokens", "256", "--max-prompt-tokens", "128", "--metrics-port", "0")
+    tmp = tmp_path_factory.mktemp("server")
+    # A made-up cost profile: 2x2 is "latency-optimal", 1x4 "throughput-optimal".
+    CostProfile((TopologyCost("2x2", 0.01, 10.0), TopologyCost("1x4", 0.02, 50.0))).save(tmp / "profile.json")
+    s = Server(tmp, llama_mg, 4, 2, 2, "--allow-fault-injection", "--max-queue", "64",
+               "--max-new-tokens", "256", "--max-prompt-tokens", "128", "--metrics-port", "0",
+               "--policy-profile", str(tmp / "profile.json"), "--policy-interval", "0.2", "--policy-low", "0",
+               "--policy-high", "4", "--policy-patience", "2", "--policy-min-dwell", "0")
     yield s
     assert s.stop() == 0
 
@@ -204,3 +210,24 @@ def test_metrics_endpoint(server, client):
     for name in ("remp_ttft_seconds_count", "remp_switches_total", "remp_switch_phase_seconds_bucket",
                  "remp_kv_blocks_free", "remp_queue_depth", "remp_generated_tokens_total"):
         assert name in body
+
+
+def test_policy_switches_on_its_own_under_a_burst_and_replay_is_answered(server, client):
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_workload import Arrival, replay
+
+    state = client.set_policy(True)
+    assert state.enabled and (state.latency_best, state.throughput_best) == ("2x2", "1x4")
+    trace = [Arrival(0.05 * i, 8 + i, 40) for i in range(12)]  # a burst: 12 requests in 0.6 s
+    results = replay(server.addr, trace, vocab=256, seed=0)
+    assert all(r["tokens"] == 40 and r["finish_reason"] == "length" for r in results)  # every request answered
+    wait_until(lambda: any(d.switched for d in client.status().policy.decisions), 60)
+    st = client.status()
+    decision = next(d for d in st.policy.decisions if d.switched)
+    assert decision.wanted == "1x4" and "load" in decision.reason
+    assert any(s.target == "TP1·PP4" and s.committed for s in st.switch_history)
+    client.set_policy(False)
+    wait_until(lambda: not client.status().reconfiguring, 60)
+    switch(client, 2, 2)

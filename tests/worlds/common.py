@@ -1,9 +1,26 @@
 """Helpers shared by the test worlds."""
+import argparse
+import json
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 
 from remp_megatron.engine import exchange_command
+from remp_megatron.runtime import init_distributed
 from remp_megatron.scheduler import StepPlan
+from remp_megatron.spec import ModelSpec
+
+
+def start_world():
+    """Parse --spec/--out, join the world; returns (args, runtime, job, model spec)."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--spec", required=True)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    rt = init_distributed()
+    job = json.loads(Path(args.spec).read_text())
+    return args, rt, job, ModelSpec.from_file(Path(job["model"]) / "config.json")
 
 
 def kv_check(runner, rt, engine=None):

@@ -6,18 +6,15 @@ Input (--spec JSON): {"model": dir, "topologies": [...], "engine": {EngineConfig
 Output (--out JSON, rank 0): {topology: {scenario: {"requests": {id: {tokens, text,
 finish_reason}}, "preemptions", "cancel", "pause"}}}.
 """
-import argparse
 import json
 from pathlib import Path
 
 import torch.distributed as dist
 
-from common import kv_check
+from common import kv_check, start_world
 from remp_megatron.engine import Engine, EngineConfig, load_worker, worker_loop
 from remp_megatron.kv_cache import KVCache
 from remp_megatron.request import Request, SamplingParams
-from remp_megatron.runtime import init_distributed
-from remp_megatron.spec import ModelSpec
 from remp_megatron.topology import Topology
 
 
@@ -51,13 +48,7 @@ def drive(engine: Engine, sc: dict, rt) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--spec", required=True)
-    p.add_argument("--out", required=True)
-    args = p.parse_args()
-    rt = init_distributed()
-    job = json.loads(Path(args.spec).read_text())
-    spec = ModelSpec.from_file(Path(job["model"]) / "config.json")
+    args, rt, job, spec = start_world()
     tokenizer = None
     if job.get("tokenizer"):
         from transformers import AutoTokenizer

@@ -8,7 +8,6 @@ Rank 0 keeps >= min_inflight requests mid-generation at every switch and writes 
 kv_check}], "preemptions"}. Every rank writes its weight hashes at start and end to
 --out.rank{r}.{start,end}.json (for A -> ... -> A bit-identity).
 """
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -17,12 +16,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import kv_check
+from common import kv_check, start_world
 from remp_megatron.engine import Engine, EngineConfig, exchange_command, load_worker, worker_loop
 from remp_megatron.reconfigure import Fault, RolledBack
 from remp_megatron.request import Request, SamplingParams
-from remp_megatron.runtime import init_distributed
-from remp_megatron.spec import ModelSpec
 from remp_megatron.topology import Topology
 
 
@@ -92,13 +89,7 @@ def drive(engine: Engine, job: dict, rt) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--spec", required=True)
-    p.add_argument("--out", required=True)
-    args = p.parse_args()
-    rt = init_distributed()
-    job = json.loads(Path(args.spec).read_text())
-    spec = ModelSpec.from_file(Path(job["model"]) / "config.json")
+    args, rt, job, spec = start_world()
     cfg = EngineConfig(**job.get("engine", {}))
     worker = load_worker(rt, spec, job["model"], Topology.parse(job["start"]), cfg)
     Path(f"{args.out}.rank{rt.rank}.start.json").write_text(json.dumps(weight_hashes(worker)))

@@ -202,6 +202,11 @@ class AdminStub:
                 request_serializer=remp_dot_v1_dot_remp__pb2.StatusRequest.SerializeToString,
                 response_deserializer=remp_dot_v1_dot_remp__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.SetPolicy = channel.unary_unary(
+                '/remp.v1.Admin/SetPolicy',
+                request_serializer=remp_dot_v1_dot_remp__pb2.SetPolicyRequest.SerializeToString,
+                response_deserializer=remp_dot_v1_dot_remp__pb2.PolicyState.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -221,6 +226,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPolicy(self, request, context):
+        """Turns the adaptive topology policy on or off at runtime (needs a cost profile).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +245,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=remp_dot_v1_dot_remp__pb2.StatusRequest.FromString,
                     response_serializer=remp_dot_v1_dot_remp__pb2.StatusResponse.SerializeToString,
+            ),
+            'SetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPolicy,
+                    request_deserializer=remp_dot_v1_dot_remp__pb2.SetPolicyRequest.FromString,
+                    response_serializer=remp_dot_v1_dot_remp__pb2.PolicyState.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -289,6 +306,33 @@ class Admin:
             '/remp.v1.Admin/GetStatus',
             remp_dot_v1_dot_remp__pb2.StatusRequest.SerializeToString,
             remp_dot_v1_dot_remp__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/remp.v1.Admin/SetPolicy',
+            remp_dot_v1_dot_remp__pb2.SetPolicyRequest.SerializeToString,
+            remp_dot_v1_dot_remp__pb2.PolicyState.FromString,
             options,
             channel_credentials,
             insecure,
