@@ -340,18 +340,19 @@ class Engine:
         reason = None
         if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             reason = FinishReason.STOP
+        elif len(seq.output) >= p.max_new_tokens:
+            reason = FinishReason.LENGTH
         delta = ""
         if self.tokenizer is not None:
             full = self.tokenizer.decode(seq.output, skip_special_tokens=True)
             cut = min((i for i in (full.find(s) for s in p.stop) if i >= 0), default=-1)
-            if cut >= 0:
+            if cut >= 0:  # a stop string wins over a length finish on the same token
                 full, reason = full[:cut], FinishReason.STOP
-            # Hold back a trailing partial UTF-8 character until the next token completes it.
+            # Hold back a trailing partial UTF-8 character until the next token completes it
+            # (on the last token there is no next one: emit what there is).
             if reason is None and full.endswith("\ufffd"):
                 full = seq.text
             delta, seq.text = full[len(seq.text):], full
-        if reason is None and len(seq.output) >= p.max_new_tokens:
-            reason = FinishReason.LENGTH
         self._handles[seq.request_id].put(
             StepOutput(seq.request_id, [tok], delta, reason is not None, reason, len(seq.prompt), len(seq.output)))
         if reason is not None:

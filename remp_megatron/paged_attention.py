@@ -29,12 +29,13 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
     query_lens: list[int]  # new tokens per sequence, in order
     seq_slots: list[torch.Tensor]  # per sequence: cache slots of all its tokens up to this step
+    masks: list[torch.Tensor]  # per sequence: [new tokens, cached tokens] causal mask (shared by all layers)
 
     @classmethod
     def build(
         cls, starts: list[int], query_lens: list[int], block_tables: list[list[int]], block_size: int, device
     ) -> "AttentionMetadata":
-        positions, slots, seq_slots = [], [], []
+        positions, slots, seq_slots, masks = [], [], [], []
         for start, n, table in zip(starts, query_lens, block_tables):
             pos = torch.arange(start + n)
             blocks = torch.tensor(table, dtype=torch.long)[pos // block_size]
@@ -42,8 +43,9 @@ class AttentionMetadata:
             positions.append(pos[start:])
             slots.append(s[start:])
             seq_slots.append(s.to(device))
+            masks.append((pos[None, :] <= pos[start:, None]).to(device))
         return cls(
-            torch.cat(positions).to(device), torch.cat(slots).to(device), list(query_lens), seq_slots
+            torch.cat(positions).to(device), torch.cat(slots).to(device), list(query_lens), seq_slots, masks
         )
 
 
@@ -86,12 +88,10 @@ class PagedAttention(torch.nn.Module):
 
         out = torch.empty_like(query[:, 0])
         start = 0
-        for n, slots in zip(meta.query_lens, meta.seq_slots):
+        for n, slots, mask in zip(meta.query_lens, meta.seq_slots, meta.masks):
             q = query[start : start + n, 0].transpose(0, 1)  # [heads, n, dim]
             k = k_cache[slots].transpose(0, 1)  # [kv_heads, ctx, dim]
             v = v_cache[slots].transpose(0, 1)
-            q_pos = meta.positions[start : start + n]
-            mask = torch.arange(len(slots), device=q.device)[None, :] <= q_pos[:, None]
             o = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, scale=self.softmax_scale, enable_gqa=True
             )

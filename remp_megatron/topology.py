@@ -25,6 +25,11 @@ class Topology:
         return f"TP{self.tp}·PP{self.pp}"
 
     @property
+    def short(self) -> str:
+        """'TxP', the form ``parse`` and CLI flags use."""
+        return f"{self.tp}x{self.pp}"
+
+    @property
     def size(self) -> int:
         return self.tp * self.pp
 

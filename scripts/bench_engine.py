@@ -136,7 +136,7 @@ def main() -> None:
         ours = [r for r in rows if r["impl"].startswith("ReMP")]
         lo, hi = min(args.batch_sizes), max(args.batch_sizes)
         CostProfile(tuple(
-            TopologyCost(f"{t.tp}x{t.pp}", next(r["tpot_s"] for r in ours if r["impl"] == f"ReMP {t}" and r["batch"] == lo),
+            TopologyCost(t.short, next(r["tpot_s"] for r in ours if r["impl"] == f"ReMP {t}" and r["batch"] == lo),
                          next(r["tok_s"] for r in ours if r["impl"] == f"ReMP {t}" and r["batch"] == hi))
             for t in map(Topology.parse, args.topologies))).save(Path(args.profile_out))
     hf = {r["batch"]: r for r in rows if r["impl"] == "HF transformers"}

@@ -17,15 +17,11 @@ from . import metrics
 from .api import pb
 
 
-def short(topo: Topology) -> str:
-    return f"{topo.tp}x{topo.pp}"
-
-
 class PolicyLoop:
     def __init__(self, frontend, cfg: PolicyConfig, profile: CostProfile, enabled: bool):
         self.frontend, self.cfg, self.profile = frontend, cfg, profile
         self.t0 = time.monotonic()
-        self.policy = Policy(cfg, profile, short(frontend.engine.topo), now=0.0)
+        self.policy = Policy(cfg, profile, frontend.engine.topo.short, now=0.0)
         self.enabled = enabled
         self.decisions: deque[Decision] = deque(maxlen=50)
         self._stop = threading.Event()
@@ -36,7 +32,7 @@ class PolicyLoop:
         return time.monotonic() - self.t0
 
     def switched(self, topo: Topology) -> None:
-        self.policy.switched(short(topo), self.now())
+        self.policy.switched(topo.short, self.now())
 
     def signals(self) -> Signals:
         fe, sched = self.frontend, self.frontend.engine.sched

@@ -136,6 +136,8 @@ def test_recompute_and_drain_modes(run):
     for s in modes:
         assert s["timeline"]["committed"] and s["timeline"]["kv_blocks"] == 0  # no KV migrated
     assert modes[0]["preempted_by_switch"] > 0  # recompute re-queued the in-flight requests
+    for drain in modes[2:]:  # drain: the in-flight requests finished first, nothing re-queued
+        assert len(drain["inflight"]) >= 3 and drain["preempted_by_switch"] == 0
 
 
 def test_prestaged_switch_moves_only_kv_in_the_pause(run):

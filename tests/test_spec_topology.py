@@ -93,6 +93,7 @@ def test_rank_map_and_standby():
 @pytest.mark.parametrize("text", ["2x2", "tp2pp2", "TP2·PP2"])
 def test_parse(text):
     assert Topology.parse(text) == Topology(2, 2)
+    assert Topology.parse(Topology(1, 3).short) == Topology(1, 3)
 
 
 def test_parse_error():
