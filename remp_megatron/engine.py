@@ -1,9 +1,9 @@
 """Engine: rank 0 decides every step and all ranks execute it.
 
-Rank 0 owns the scheduler, the sampler and the request handles. Each step it broadcasts a
-small ``Command`` over the CPU control group; every rank (standby ranks too, so all stay in
-lock-step for later commands) receives it in ``worker_loop``. A step boundary is the only
-place where state changes hands: ``pause()`` parks the loop there and reports the full state.
+Rank 0 owns the scheduler, the sampler, output processing and the request handles. A step
+reads schedule → run (a ``Step`` command executed by every rank's worker) → postprocess. A
+step boundary is the only place where state changes hands: ``pause()`` parks the loop there
+and reports the full state; switches happen there.
 """
 from __future__ import annotations
 
@@ -15,77 +15,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
-import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field
-
-from .kv_cache import blocks_for_budget
+from .config import EngineConfig
 from .model_runner import ModelRunner
-from .reconfigure import MODES, Fault, KVMove, ReconfigureOrder, RolledBack, Timeline, Worker
+from .output import OutputProcessor
+from .reconfigure import MODES, Fault, PrestageOrder, ReconfigureOrder, Timeline
 from .request import FinishReason, Request, Sequence, SequenceState, StepOutput
 from .sampler import sample_one
-from .scheduler import Scheduler, SchedulerConfig, StepPlan
-from .spec import ModelSpec
+from .scheduler import Scheduled, Scheduler, SchedulerConfig, StepPlan
 from .topology import Topology
+from .worker import Prestage, PrestageRounds, Reconfigure, Step, Stop, Worker
 
 log = logging.getLogger("remp.engine")
-
-
-class EngineConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    block_size: int = Field(16, ge=1)
-    kv_budget_mb: float = Field(64.0, gt=0)  # per active rank, at the current topology
-    num_blocks: Optional[int] = Field(None, ge=1)  # fixes the block count (overrides the budget)
-    max_num_seqs: int = Field(32, ge=1)
-    max_tokens_per_step: int = Field(256, ge=1)
-    max_queue: int = Field(256, ge=1)
-    prestage_budget_mb: float = Field(0.0, ge=0)  # > 0 enables pre-staging new weight shards
-    prestage_rounds_per_step: int = Field(1, ge=1)  # bucket rounds moved at each step boundary
-
-    def blocks_for(self, spec: ModelSpec, topo: Topology) -> int:
-        if self.num_blocks is not None:
-            return self.num_blocks
-        return blocks_for_budget(spec, topo, self.block_size, int(self.kv_budget_mb * 2**20))
-
-
-@dataclass(frozen=True)
-class Command:
-    """rank 0 -> every rank, over the control group."""
-
-    kind: str  # "step" | "reconfigure" | "prestage" | "prestage_rounds" | "stop"
-    payload: Any = None  # StepPlan | ReconfigureOrder | number of rounds
-
-
-def exchange_command(cmd: Optional[Command], group) -> Command:
-    box = [cmd]
-    dist.broadcast_object_list(box, src=0, group=group)
-    return box[0]
-
-
-def load_worker(rt, spec: ModelSpec, model_dir, topo: Topology, cfg: EngineConfig) -> Worker:
-    """Collective: load ``topo``'s shards from a converted model dir on every rank."""
-    from .model_runner import load_runner
-
-    topo.validate(spec, rt.world_size)
-    runner = load_runner(spec, model_dir, topo, rt.rank, rt.device, cfg.blocks_for(spec, topo), cfg.block_size)
-    return Worker(spec, topo, runner, rt.rank, rt.world_size, rt.device, rt.control_group)
-
-
-def worker_loop(worker: Worker) -> None:
-    """Ranks != 0: execute rank 0's commands until told to stop."""
-    while True:
-        cmd = exchange_command(None, worker.group)
-        if cmd.kind == "stop":
-            return
-        if cmd.kind == "step" and worker.runner is not None:
-            worker.runner.run_step(cmd.payload)
-        elif cmd.kind in ("reconfigure", "prestage"):
-            try:
-                getattr(worker, cmd.kind)(cmd.payload)
-            except RolledBack:
-                pass  # rank 0 reports it; this rank is back on its old topology
-        elif cmd.kind == "prestage_rounds":
-            worker.prestage_rounds(cmd.payload)
 
 
 @dataclass
@@ -138,11 +78,29 @@ class EngineState:
     sequences: list[SequenceState] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Load:
+    """The engine's load at one instant (what the policy, metrics and status read)."""
+
+    queued: int
+    running: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+
+    @property
+    def kv_blocks_free(self) -> int:
+        return self.kv_blocks_total - self.kv_blocks_used
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total
+
+
 class Engine:
     """Rank 0's engine. Thread-safe entry points: add_request, cancel, pause, resume."""
 
     def __init__(self, worker: Worker, cfg: EngineConfig, tokenizer: Any = None):
-        self.worker, self.spec, self.group, self.cfg = worker, worker.spec, worker.group, cfg
+        self.worker, self.spec, self.cfg = worker, worker.spec, cfg
         self.tokenizer = tokenizer
         spec = self.spec
         self.sched = Scheduler(SchedulerConfig(
@@ -152,7 +110,7 @@ class Engine:
         eos = set(spec.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
-        self.eos_ids = frozenset(eos)
+        self.output = OutputProcessor(tokenizer, frozenset(eos))
         self.steps = 0
         self._lock = threading.RLock()
         self._seqs: dict[str, Sequence] = {}
@@ -208,35 +166,40 @@ class Engine:
         """Run one step on every rank; returns the number of sequences it advanced. Pending
         pre-staging transfers advance by one chunk at each step boundary."""
         staged = self.worker.staged
-        if staged is not None and staged["rounds"]:
-            n = self.cfg.prestage_rounds_per_step
-            exchange_command(Command("prestage_rounds", n), self.group)
-            self.worker.prestage_rounds(n)
+        if staged is not None and not staged.complete:
+            self.worker.execute(PrestageRounds(self.cfg.prestage_rounds_per_step))
         with self._lock:
             scheduled = self.sched.schedule()
             if not scheduled:
                 return 0
             plan = StepPlan.of(scheduled)
-        exchange_command(Command("step", plan), self.group)
-        logits = self.runner.run_step(plan)
+        logits = self.worker.execute(Step(plan))
         with self._lock:
-            row = 0
-            for s in scheduled:
-                if s.sample:
-                    row += 1
-                if s.seq.request_id not in self._seqs:  # cancelled while the step ran
-                    continue
-                s.seq.num_computed = s.start + s.n
-                if s.sample:
-                    self._append_token(s.seq, logits[row - 1])
+            self._postprocess(scheduled, logits)
             self.steps += 1
         return len(scheduled)
+
+    def _postprocess(self, scheduled: list[Scheduled], logits) -> None:
+        """Advance each sequence's KV position; sample, stream and finish where a chunk ended."""
+        rows = iter(logits if logits is not None else ())
+        for s in scheduled:
+            row = next(rows) if s.sample else None
+            seq = s.seq
+            if seq.request_id not in self._seqs:  # cancelled while the step ran
+                continue
+            seq.num_computed = s.start + s.n
+            if row is None:
+                continue
+            out = self.output.append(seq, sample_one(row, seq.params, seq.seed, len(seq.output)))
+            self._handles[seq.request_id].put(out)
+            if out.finished:
+                self._finish(seq, out.finish_reason, emit=False)
 
     @property
     def prestaged(self) -> Optional[Topology]:
         """The target whose weights are fully pre-staged, if any."""
         st = self.worker.staged
-        return st["target"] if st is not None and not st["rounds"] else None
+        return st.target if st is not None and st.complete else None
 
     def prestage(self, target: Topology, bucket_mb: float = 16) -> Timeline:
         """Start moving ``target``'s weight shards while the current topology keeps serving
@@ -246,22 +209,21 @@ class Engine:
         if self.cfg.prestage_budget_mb <= 0:
             raise ValueError("pre-staging is off (set EngineConfig.prestage_budget_mb)")
         target.validate(self.spec, self.worker.world)
-        order = ReconfigureOrder(target, "migrate", KVMove([], [], 0, []), self.cfg.block_size,
-                                 int(bucket_mb * 2**20), weights_only=True,
-                                 prestage_budget_bytes=int(self.cfg.prestage_budget_mb * 2**20))
+        order = PrestageOrder(target, int(bucket_mb * 2**20), int(self.cfg.prestage_budget_mb * 2**20))
         with self._lock:
-            exchange_command(Command("prestage", order), self.group)
-            return self.worker.prestage(order)
+            return self.worker.execute(Prestage(order))
 
     def run_until_prestaged(self) -> None:
-        while self.worker.staged is not None and self.worker.staged["rounds"]:
+        while self.worker.staged is not None and not self.worker.staged.complete:
             self.step()
 
     def reconfigure(self, target: Topology, mode: str = "migrate", fault: Optional[Fault] = None,
-                    bucket_mb: float = 16, phase_timeout_s: float = 120.0, progress=None) -> Timeline:
+                    bucket_mb: float = 16, phase_timeout_s: float = 120.0, progress=None,
+                    num_blocks: Optional[int] = None) -> Timeline:
         """Switch every rank to ``target`` at this step boundary (call it between steps: in
-        synchronous use, or while the serving loop is paused). Raises TopologyError/ValueError
-        before anything changes, RolledBack if any rank failed before the commit point."""
+        synchronous use, or while the serving loop is paused). ``num_blocks`` sizes the new KV
+        cache (default: the config's). Raises TopologyError/ValueError before anything changes,
+        RolledBack if any rank failed before the commit point."""
         target.validate(self.spec, self.worker.world)
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
@@ -273,12 +235,11 @@ class Engine:
             with self._lock:
                 if mode == "recompute":
                     self.sched.preempt_all()
-                kv = KVMove.plan(self.sched.live(), self.cfg.blocks_for(self.spec, target))
-                order = ReconfigureOrder(target, mode, kv, self.cfg.block_size, int(bucket_mb * 2**20),
+                move = self.sched.plan_kv_move(num_blocks or self.cfg.blocks_for(self.spec, target))
+                order = ReconfigureOrder(target, mode, move, self.cfg.block_size, int(bucket_mb * 2**20),
                                          phase_timeout_s, fault)
-                exchange_command(Command("reconfigure", order), self.group)
-                tl = self.worker.reconfigure(order, progress)  # raises RolledBack: nothing changed
-                self.sched.rebind(kv.new_num_blocks, kv.old_ids, kv.new_ids, kv.dropped)
+                tl = self.worker.execute(Reconfigure(order), progress)  # raises RolledBack: nothing changed
+                self.sched.apply_kv_move(move)
                 return tl
         finally:
             self.sched.admit = True
@@ -289,7 +250,7 @@ class Engine:
 
     def stop_workers(self) -> None:
         """Release every other rank from worker_loop (they return to their caller)."""
-        exchange_command(Command("stop"), self.group)
+        self.worker.execute(Stop())
 
     # ---- background loop with pause points ----------------------------------------------
     def run_forever(self) -> None:
@@ -327,37 +288,17 @@ class Engine:
         self._wake.set()
         self._resume.set()
 
+    def load(self) -> Load:
+        with self._lock:
+            total = self.sched.cfg.num_blocks
+            return Load(len(self.sched.waiting), len(self.sched.running), total - self.sched.alloc.num_free, total)
+
     def state(self) -> EngineState:
         with self._lock:
             return EngineState(self.topo, self.steps, self.sched.cfg.num_blocks, self.sched.alloc.num_free,
                                self.sched.cfg.block_size, self.sched.states())
 
     # ---- internals ----------------------------------------------------------------------
-    def _append_token(self, seq: Sequence, logits) -> None:
-        p = seq.params
-        tok = sample_one(logits, p, seq.seed, len(seq.output))
-        seq.output.append(tok)
-        reason = None
-        if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
-            reason = FinishReason.STOP
-        elif len(seq.output) >= p.max_new_tokens:
-            reason = FinishReason.LENGTH
-        delta = ""
-        if self.tokenizer is not None:
-            full = self.tokenizer.decode(seq.output, skip_special_tokens=True)
-            cut = min((i for i in (full.find(s) for s in p.stop) if i >= 0), default=-1)
-            if cut >= 0:  # a stop string wins over a length finish on the same token
-                full, reason = full[:cut], FinishReason.STOP
-            # Hold back a trailing partial UTF-8 character until the next token completes it
-            # (on the last token there is no next one: emit what there is).
-            if reason is None and full.endswith("\ufffd"):
-                full = seq.text
-            delta, seq.text = full[len(seq.text):], full
-        self._handles[seq.request_id].put(
-            StepOutput(seq.request_id, [tok], delta, reason is not None, reason, len(seq.prompt), len(seq.output)))
-        if reason is not None:
-            self._finish(seq, reason, emit=False)
-
     def _finish(self, seq: Sequence, reason: FinishReason, emit: bool = True) -> None:
         self.sched.finish(seq)
         self._seqs.pop(seq.request_id, None)

@@ -31,6 +31,10 @@ class BlockAllocator:
     def num_free(self) -> int:
         return len(self._free)
 
+    def free_ids(self) -> list[int]:
+        """The free block ids, in the order they will be handed out."""
+        return list(self._free)
+
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

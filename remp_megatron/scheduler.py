@@ -15,6 +15,39 @@ from .kv_cache import BlockAllocator
 from .request import Sequence, SequenceState, Status
 
 
+@dataclass(frozen=True)
+class KVMove:
+    """Which live KV blocks a switch keeps, and the block id each one gets in the new cache.
+    Planned by the scheduler before the switch; applied to its block tables after the commit."""
+
+    old_ids: list[int]  # live physical blocks at the old topology, in compact order
+    new_ids: list[int]  # the physical block each one becomes at the new topology
+    new_num_blocks: int
+    dropped: list[str]  # requests whose KV does not fit: preempted for recompute after commit
+
+    @property
+    def renumbered(self) -> bool:
+        return self.old_ids != self.new_ids
+
+
+def plan_kv_move(live: list[tuple[str, list[int]]], new_num_blocks: int) -> KVMove:
+    """``live``: (request id, block table) of running requests, oldest first. Keeps block ids
+    when they all fit the new cache, else renumbers them densely in sorted order; drops the
+    newest requests whose blocks do not fit at all."""
+    kept, dropped, used = [], [], 0
+    for rid, table in live:
+        if used + len(table) <= new_num_blocks:
+            kept.append(table)
+            used += len(table)
+        else:
+            dropped.append(rid)
+    old = [b for t in kept for b in t]
+    if all(b < new_num_blocks for b in old):
+        return KVMove(old, list(old), new_num_blocks, dropped)
+    rank = {b: i for i, b in enumerate(sorted(old))}
+    return KVMove(old, [rank[b] for b in old], new_num_blocks, dropped)
+
+
 class QueueFull(RuntimeError):
     pass
 
@@ -171,27 +204,27 @@ class Scheduler:
         self._release(seq)
         seq.status = Status.FINISHED
 
-    def live(self) -> list[tuple[str, list[int]]]:
-        """(request id, block table) of running sequences, oldest first: the KV worth moving."""
-        return [(s.request_id, list(s.block_table)) for s in self.running]
+    def plan_kv_move(self, new_num_blocks: int) -> KVMove:
+        """How the running sequences' KV (oldest first) maps onto a cache of ``new_num_blocks``."""
+        return plan_kv_move([(s.request_id, list(s.block_table)) for s in self.running], new_num_blocks)
 
     def preempt_all(self) -> None:
         """Send every running sequence back to the queue for recompute (newest ends up last)."""
         for seq in reversed(list(self.running)):
             self._preempt(seq)
 
-    def rebind(self, num_blocks: int, old_ids: list[int], new_ids: list[int], dropped: list[str]) -> None:
-        """Adopt the KV cache of a new topology: block ids renumbered as migrated; requests
-        whose KV was not migrated go back to the queue for recompute."""
-        remap = dict(zip(old_ids, new_ids))
+    def apply_kv_move(self, move: KVMove) -> None:
+        """Adopt the new topology's KV cache after a committed switch: block ids renumbered as
+        migrated; requests whose KV was not migrated go back to the queue for recompute."""
+        remap = dict(zip(move.old_ids, move.new_ids))
         for seq in reversed(list(self.running)):
-            if seq.request_id in dropped:
-                seq.block_table = []
+            if seq.request_id in move.dropped:
+                seq.block_table = []  # not freed: the old cache is gone
                 self._preempt(seq)
             else:
                 seq.block_table = [remap[b] for b in seq.block_table]
-        self.cfg = replace(self.cfg, num_blocks=num_blocks)
-        self.alloc = BlockAllocator(num_blocks, self.cfg.block_size, frozenset(new_ids))
+        self.cfg = replace(self.cfg, num_blocks=move.new_num_blocks)
+        self.alloc = BlockAllocator(move.new_num_blocks, self.cfg.block_size, frozenset(move.new_ids))
 
     def states(self) -> list[SequenceState]:
         return [

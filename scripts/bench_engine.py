@@ -37,7 +37,9 @@ def worker(args) -> None:
     import torch.distributed as dist
     from tqdm import tqdm
 
-    from remp_megatron.engine import Engine, EngineConfig, load_worker, worker_loop
+    from remp_megatron.config import EngineConfig
+    from remp_megatron.engine import Engine
+    from remp_megatron.worker import load_worker, worker_loop
     from remp_megatron.request import Request, SamplingParams
     from remp_megatron.runtime import init_distributed
     from remp_megatron.spec import ModelSpec
@@ -136,7 +138,7 @@ def main() -> None:
         ours = [r for r in rows if r["impl"].startswith("ReMP")]
         lo, hi = min(args.batch_sizes), max(args.batch_sizes)
         CostProfile(tuple(
-            TopologyCost(t.short, next(r["tpot_s"] for r in ours if r["impl"] == f"ReMP {t}" and r["batch"] == lo),
+            TopologyCost(t, next(r["tpot_s"] for r in ours if r["impl"] == f"ReMP {t}" and r["batch"] == lo),
                          next(r["tok_s"] for r in ours if r["impl"] == f"ReMP {t}" and r["batch"] == hi))
             for t in map(Topology.parse, args.topologies))).save(Path(args.profile_out))
     hf = {r["batch"]: r for r in rows if r["impl"] == "HF transformers"}

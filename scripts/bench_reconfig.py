@@ -48,7 +48,9 @@ def serve(args) -> None:
     """Worker mode: live switches along the chain; rank 0 writes the measurements."""
     import torch.distributed as dist
 
-    from remp_megatron.engine import Engine, EngineConfig, load_worker, worker_loop
+    from remp_megatron.config import EngineConfig
+    from remp_megatron.engine import Engine
+    from remp_megatron.worker import load_worker, worker_loop
     from remp_megatron.request import Request, SamplingParams
     from remp_megatron.runtime import init_distributed
     from remp_megatron.spec import ModelSpec
@@ -120,7 +122,9 @@ def restart(args) -> None:
     """Worker mode: a fresh world at the target; re-prefill the interrupted requests, first token."""
     import torch.distributed as dist
 
-    from remp_megatron.engine import Engine, EngineConfig, load_worker, worker_loop
+    from remp_megatron.config import EngineConfig
+    from remp_megatron.engine import Engine
+    from remp_megatron.worker import load_worker, worker_loop
     from remp_megatron.request import Request, SamplingParams
     from remp_megatron.runtime import init_distributed
     from remp_megatron.spec import ModelSpec

@@ -9,12 +9,7 @@ from __future__ import annotations
 import hmac
 import itertools
 import logging
-import queue
-import threading
-import time
-from collections import deque
 from concurrent import futures
-from typing import Optional
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
 from remp_megatron.engine import Engine, RequestHandle
-from remp_megatron.reconfigure import MODES, PHASES, Fault, RolledBack, Timeline
+from remp_megatron.reconfigure import MODES, PHASES, Fault
 from remp_megatron.request import Request, SamplingParams
 from remp_megatron.scheduler import QueueFull, RequestTooLong
 from remp_megatron.topology import Topology, TopologyError
@@ -30,6 +25,7 @@ from remp_megatron.topology import Topology, TopologyError
 from . import metrics
 from .api import pb, pb_grpc
 from .config import ServerConfig
+from .switching import SwitchController, SwitchRequest
 
 log = logging.getLogger("remp.server")
 
@@ -38,16 +34,13 @@ _PARAM_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
 
 
 class Frontend(pb_grpc.InferenceServicer, pb_grpc.AdminServicer):
-    def __init__(self, engine: Engine, cfg: ServerConfig, tokenizer=None, allow_fault_injection: bool = False):
-        self.engine, self.cfg, self.tok = engine, cfg, tokenizer
+    def __init__(self, engine: Engine, switches: SwitchController, cfg: ServerConfig, tokenizer=None,
+                 allow_fault_injection: bool = False, policy=None):
+        self.engine, self.switches, self.cfg, self.tok = engine, switches, cfg, tokenizer
         self.token = cfg.admin_token()
         self.allow_fault_injection = allow_fault_injection
         self.accepting = True
-        self.switches: list[pb.SwitchRecord] = []
-        self.arrivals: deque[float] = deque(maxlen=100_000)  # submission times (policy signal)
-        self.recent_latencies: deque[tuple[float, float]] = deque(maxlen=64)  # (TTFT, TPOT) of finished
-        self.policy = None  # a PolicyLoop when the server has a cost profile
-        self._switch_lock = threading.Lock()
+        self.policy = policy  # a PolicyLoop when the server has a cost profile
         self._ids = itertools.count(1)
 
     # ---- Inference --------------------------------------------------------------------
@@ -90,16 +83,10 @@ class Frontend(pb_grpc.InferenceServicer, pb_grpc.AdminServicer):
         if mode not in MODES:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"mode {mode!r} is not one of {list(MODES)}")
         fault = self._fault(request.inject_fault, context) if request.inject_fault else None
-        if not self._switch_lock.acquire(blocking=False):
+        events = self.switches.start(SwitchRequest(target, mode, fault))
+        if events is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a reconfiguration is already running")
-        try:
-            source = str(self.engine.topo)
-            yield pb.ReconfigureEvent(kind=pb.ReconfigureEvent.ACCEPTED, source=source, target=str(target))
-            events: queue.Queue = queue.Queue()
-            threading.Thread(target=self._switch, args=(target, mode, fault, events), daemon=True).start()
-            yield from iter(events.get, None)
-        finally:
-            self._switch_lock.release()
+        yield from iter(events.get, None)
 
     def SetPolicy(self, request, context):
         self._authorize(context)
@@ -108,80 +95,22 @@ class Frontend(pb_grpc.InferenceServicer, pb_grpc.AdminServicer):
         self.policy.enabled = request.enabled
         return self.policy.state()
 
-    def try_switch(self, target: Topology, reason: str) -> bool:
-        """A switch decided inside the server (the policy); False if one is already running."""
-        if not self._switch_lock.acquire(blocking=False):
-            return False
-        try:
-            log.info("policy switch to %s: %s", target, reason)
-            self._switch(target, "migrate", None, queue.Queue())
-            return True
-        finally:
-            self._switch_lock.release()
-
     def GetStatus(self, request, context):
         self._authorize(context)
-        st = self.engine.state()
-        topo, world = st.topology, self.engine.worker.world
+        load, topo, world = self.engine.load(), self.engine.topo, self.engine.worker.world
         return pb.StatusResponse(
             topology=str(topo), tp=topo.tp, pp=topo.pp, world_size=world,
             active_ranks=list(range(topo.size)), standby_ranks=list(range(topo.size, world)),
-            queue_depth=sum(1 for s in st.sequences if s.status == "waiting"),
-            running_requests=sum(1 for s in st.sequences if s.status == "running"),
-            kv_blocks_used=st.num_blocks - st.free_blocks, kv_blocks_free=st.free_blocks,
-            kv_block_size=st.block_size, switch_history=list(self.switches),
-            reconfiguring=self._switch_lock.locked(),
+            queue_depth=load.queued, running_requests=load.running, kv_blocks_used=load.kv_blocks_used,
+            kv_blocks_free=load.kv_blocks_free, kv_block_size=self.engine.cfg.block_size,
+            switch_history=list(self.switches.history), reconfiguring=self.switches.busy,
             policy=self.policy.state() if self.policy is not None else None)
 
     # ---- internals --------------------------------------------------------------------
-    def _switch(self, target: Topology, mode: str, fault: Optional[Fault], events: queue.Queue) -> None:
-        """Pause at a step boundary, reconfigure, resume; stream events; record the outcome."""
-        t0, started = time.perf_counter(), time.time()
-
-        def progress(phase: str, tl: Timeline) -> None:
-            nbytes = {"move_weights": tl.weights_moved, "move_kv": tl.kv_moved}.get(phase, 0)
-            metrics.SWITCH_PHASE.labels(phase).observe(tl.phases[phase])
-            events.put(pb.ReconfigureEvent(kind=pb.ReconfigureEvent.PHASE, phase=phase, seconds=tl.phases[phase],
-                                           bytes=nbytes, source=tl.source, target=tl.target))
-
-        reason = ""
-        self.engine.pause()
-        try:
-            tl = self.engine.reconfigure(target, mode, fault, progress=progress)
-        except RolledBack as e:
-            tl, reason = e.timeline, str(e)
-        except Exception as e:  # never leave the engine paused; report instead
-            log.exception("reconfiguration failed")
-            tl = Timeline(str(self.engine.topo), str(target), mode, failed_phase="request", error=str(e))
-            reason = f"{type(e).__name__}: {e}"
-        finally:
-            steps = self.engine.steps
-            self.engine.resume()
-        # Downtime ends with the first step served after the switch (if anything is running).
-        while self.engine.has_work and self.engine.steps == steps and time.perf_counter() - t0 < 60:
-            time.sleep(0.001)
-        downtime = time.perf_counter() - t0
-        committed = tl.committed
-        if committed and self.policy is not None:
-            self.policy.switched(target)
-        metrics.SWITCHES.labels("committed" if committed else "rolled_back").inc()
-        if committed:
-            metrics.SWITCH_DOWNTIME.observe(downtime)
-        self.switches.append(pb.SwitchRecord(
-            source=tl.source, target=tl.target, mode=mode, committed=committed, downtime_s=downtime,
-            failed_phase=tl.failed_phase or "", error=tl.error or "", bytes_moved=tl.weights_moved + tl.kv_moved,
-            started_unix=started))
-        kind = pb.ReconfigureEvent.COMMITTED if committed else pb.ReconfigureEvent.ROLLED_BACK
-        events.put(pb.ReconfigureEvent(kind=kind, source=tl.source, target=tl.target, reason=reason,
-                                       downtime_s=downtime, peak_extra_bytes=tl.peak_extra_bytes,
-                                       bytes=tl.weights_moved + tl.kv_moved, seconds=tl.seconds))
-        events.put(None)
-
     def _submit(self, request, context) -> RequestHandle:
         if not self.accepting:
             context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         req = self._to_request(request, context)
-        self.arrivals.append(time.monotonic())
         try:
             return self.engine.add_request(req)
         except QueueFull as e:
@@ -247,7 +176,6 @@ class Frontend(pb_grpc.InferenceServicer, pb_grpc.AdminServicer):
             metrics.TTFT.observe(t[0] - handle.arrival)
         if len(t) > 1:
             metrics.TPOT.observe((t[-1] - t[0]) / (len(t) - 1))
-            self.recent_latencies.append((t[0] - handle.arrival, (t[-1] - t[0]) / (len(t) - 1)))
 
 
 def start_grpc(frontend: Frontend, cfg: ServerConfig) -> tuple[grpc.Server, int, health.HealthServicer]:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from remp_megatron.engine import Engine, load_worker, worker_loop
+from remp_megatron.engine import Engine
+from remp_megatron.worker import load_worker, worker_loop
 from remp_megatron.runtime import init_distributed
 from remp_megatron.spec import ModelSpec
 from remp_megatron.topology import Topology
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 def serve_rank0(worker, cfg: ServerConfig, args) -> int:
     from . import metrics
     from .frontend import Frontend, start_grpc
+    from .switching import SwitchController
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -65,13 +67,15 @@ def serve_rank0(worker, cfg: ServerConfig, args) -> int:
     engine = Engine(worker, cfg.engine, tokenizer)
     loop = threading.Thread(target=engine.run_forever, name="engine-loop", daemon=True)
     loop.start()
-    frontend = Frontend(engine, cfg, tokenizer, allow_fault_injection=args.allow_fault_injection)
+    switches = SwitchController(engine)
+    policy = None
     if cfg.policy_profile is not None:
         from remp_megatron.policy import CostProfile
 
         from .policy_loop import PolicyLoop
 
-        frontend.policy = PolicyLoop(frontend, cfg.policy, CostProfile.load(cfg.policy_profile), cfg.policy_enabled)
+        policy = PolicyLoop(engine, switches, cfg.policy, CostProfile.load(cfg.policy_profile), cfg.policy_enabled)
+    frontend = Frontend(engine, switches, cfg, tokenizer, args.allow_fault_injection, policy)
     server, port, health = start_grpc(frontend, cfg)
     metrics.bind_engine(engine)
     if cfg.metrics_port is not None:
@@ -81,11 +85,11 @@ def serve_rank0(worker, cfg: ServerConfig, args) -> int:
         Path(args.port_file).write_text(json.dumps({"port": port}))
     stop.wait()
 
-    log.info("shutting down: admission closed, %d request(s) in flight", len(engine.sched.running)
-             + len(engine.sched.waiting))
+    load = engine.load()
+    log.info("shutting down: admission closed, %d request(s) in flight", load.running + load.queued)
     frontend.accepting = False
-    if frontend.policy is not None:
-        frontend.policy.stop()
+    if policy is not None:
+        policy.stop()
     health.enter_graceful_shutdown()
     deadline = time.monotonic() + cfg.shutdown_grace_s
     while engine.has_work and time.monotonic() < deadline:

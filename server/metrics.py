@@ -20,10 +20,10 @@ POLICY_DECISIONS = Counter("remp_policy_decisions_total", "Adaptive policy obser
 
 def bind_engine(engine) -> None:
     """Gauges read the engine's state when scraped."""
-    QUEUE.set_function(lambda: len(engine.sched.waiting))
-    RUNNING.set_function(lambda: len(engine.sched.running))
-    KV_FREE.set_function(lambda: engine.sched.alloc.num_free)
-    KV_USED.set_function(lambda: engine.sched.cfg.num_blocks - engine.sched.alloc.num_free)
+    QUEUE.set_function(lambda: engine.load().queued)
+    RUNNING.set_function(lambda: engine.load().running)
+    KV_FREE.set_function(lambda: engine.load().kv_blocks_free)
+    KV_USED.set_function(lambda: engine.load().kv_blocks_used)
 
 
 def serve_metrics(port: int, host: str) -> int:

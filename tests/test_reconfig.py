@@ -44,13 +44,21 @@ def requests(n: int):
 def switch_plan():
     tour = eulerian_tour(TOPOLOGIES)
     assert tour[0] == START
-    plan = [{"target": t, "mode": "migrate", "kv_check": i % 5 == 0} for i, t in enumerate(tour[1:])]
-    plan += [{"target": "1x4", "mode": "recompute"}, {"target": "2x2", "mode": "recompute"},
-             {"target": "4x1", "mode": "drain"}, {"target": "2x2", "mode": "drain"},
-             {"target": "1x4", "prestage": True}, {"target": "2x2", "prestage": True}]
+    plan = [{"target": t, "mode": "migrate", "kv_check": i % 5 == 0, "tag": "tour"} for i, t in enumerate(tour[1:])]
+    plan += [{"target": "1x4", "mode": "recompute", "tag": "recompute"},
+             {"target": "2x2", "mode": "recompute", "tag": "recompute"},
+             {"target": "4x1", "mode": "drain", "tag": "drain"}, {"target": "2x2", "mode": "drain", "tag": "drain"},
+             {"target": "1x4", "prestage": True, "tag": "prestage"}, {"target": "2x2", "prestage": True, "tag": "prestage"},
+             # A new cache just as large as the live KV: block ids must be renumbered to fit.
+             {"target": "1x4", "kv_blocks": "live", "tag": "renumber"},
+             # One block short: the newest request's KV is dropped and recomputed after the commit.
+             {"target": "2x2", "kv_blocks": "live-1", "tag": "drop"},
+             # The same topology with the cache back at its configured size: no weight byte moves.
+             {"target": "2x2", "tag": "same"}]
     for i, phase in enumerate(PHASES):  # a fault in every phase, on varying ranks: all roll back
-        plan.append({"target": "1x4" if i % 2 else "4x1", "fault": {"phase": phase, "rank": i % 4}})
-    plan.append({"target": "1x2", "fault": {"phase": "move_weights", "rank": 3, "kind": "stall"}, "timeout": 1.5})
+        plan.append({"target": "1x4" if i % 2 else "4x1", "fault": {"phase": phase, "rank": i % 4}, "tag": "fault"})
+    plan.append({"target": "1x2", "fault": {"phase": "move_weights", "rank": 3, "kind": "stall"}, "timeout": 1.5,
+                 "tag": "stall"})
     return plan
 
 
@@ -77,8 +85,12 @@ def reference(llama_hf):
     return ref
 
 
+def tagged(out, tag):
+    return [s for s in out["switches"] if s["tag"] == tag]
+
+
 def migrate_tour(out):
-    return out["switches"][:30]
+    return tagged(out, "tour")
 
 
 def test_every_ordered_pair_switched_with_requests_in_flight(run):
@@ -105,20 +117,41 @@ def test_migrated_kv_equals_a_fresh_prefill(run):
 
 
 def test_bytes_moved_equal_the_plan(run, llama_hf):
+    """For every committed switch: bytes sent == the plan's moved bytes; the plan's moved +
+    kept bytes == what the ranks hold afterwards (parameters, live KV blocks)."""
     from safetensors.torch import load_file
 
     model_bytes = sum(t.numel() * t.element_size() for t in load_file(llama_hf / "model.safetensors").values())
     kv_block_bytes = 2 * 8 * BLOCK * 4 * 8 * 4  # K and V, 8 layers, 4 KV heads, head_dim 8, fp32
-    for s in run[1]["switches"]:
+    committed = [s for s in run[1]["switches"] if s["timeline"]["committed"]]
+    assert len(committed) == 39
+    for s in committed:
         tl = s["timeline"]
-        if not tl["committed"]:
-            continue
         assert tl["bytes_sent"] == tl["weights_moved"] + tl["kv_moved"]
         assert tl["kv_moved"] + tl["kv_kept"] == tl["kv_blocks"] * kv_block_bytes
+        assert tl["weights_moved"] + tl["weights_kept"] == s["param_bytes"], s["tag"]
         if tl["target"] == "TP1·PP1":  # one rank holds the whole model, once
-            assert tl["weights_moved"] + tl["weights_kept"] == model_bytes
-        if tl["source"] == tl["target"]:
-            assert tl["weights_moved"] == 0
+            assert s["param_bytes"] == model_bytes
+    same = tagged(run[1], "same")[0]["timeline"]
+    assert same["source"] == same["target"] == "TP2·PP2" and same["kv_blocks"] > 0
+    assert same["weights_moved"] == 0 and same["kv_moved"] == 0 and same["bytes_sent"] == 0  # nothing crosses ranks
+
+
+def test_smaller_kv_cache_renumbers_or_drops_and_stays_exact(run):
+    """A new cache smaller than the live block ids renumbers them; one smaller than the live KV
+    drops the newest requests, which are recomputed. The requests decode on from the renumbered
+    KV, and every request's tokens still equal HF's (test_all_requests_finish_with_uninterrupted_tokens)."""
+    renumber, = tagged(run[1], "renumber")
+    tl = renumber["timeline"]
+    assert renumber["max_live_block"] >= renumber["live_blocks"] == renumber["new_num_blocks"]  # ids did not fit
+    assert tl["committed"] and tl["kv_renumbered"] and tl["requests_dropped"] == 0
+    assert tl["kv_blocks"] == renumber["live_blocks"] and renumber["preempted_by_switch"] == 0
+    drop, = tagged(run[1], "drop")
+    tl = drop["timeline"]
+    assert drop["new_num_blocks"] == drop["live_blocks"] - 1
+    assert tl["committed"] and tl["requests_dropped"] >= 1
+    assert drop["preempted_by_switch"] == tl["requests_dropped"]  # back to the queue, not lost
+    assert tl["kv_blocks"] <= drop["new_num_blocks"] < drop["live_blocks"]
 
 
 def test_round_trip_leaves_weights_bit_identical(run):
@@ -131,7 +164,7 @@ def test_round_trip_leaves_weights_bit_identical(run):
 
 
 def test_recompute_and_drain_modes(run):
-    modes = run[1]["switches"][30:34]
+    modes = tagged(run[1], "recompute") + tagged(run[1], "drain")
     assert [s["timeline"]["mode"] for s in modes] == ["recompute", "recompute", "drain", "drain"]
     for s in modes:
         assert s["timeline"]["committed"] and s["timeline"]["kv_blocks"] == 0  # no KV migrated
@@ -141,7 +174,7 @@ def test_recompute_and_drain_modes(run):
 
 
 def test_prestaged_switch_moves_only_kv_in_the_pause(run):
-    for s in run[1]["switches"][34:36]:
+    for s in tagged(run[1], "prestage"):
         tl = s["timeline"]
         assert tl["committed"] and tl["prestaged"] and s["steps_while_staging"] >= 1
         assert s["prestage"]["weights_moved"] > 0 and tl["weights_moved"] == s["prestage"]["weights_moved"]
@@ -151,13 +184,13 @@ def test_prestaged_switch_moves_only_kv_in_the_pause(run):
 
 @pytest.mark.parametrize("phase", PHASES)
 def test_fault_in_any_phase_rolls_back(run, phase):
-    s = next(s for s in run[1]["switches"][34:] if s["timeline"]["failed_phase"] == phase)
+    s, = [s for s in tagged(run[1], "fault") if s["timeline"]["failed_phase"] == phase]
     assert s["rolled_back"] and "injected fault" in s["timeline"]["error"]
     assert s["topology_after"] == s["timeline"]["source"]
 
 
 def test_stalled_rank_times_out_and_rolls_back(run):
-    s = run[1]["switches"][-1]
+    s, = tagged(run[1], "stall")
     assert s["rolled_back"] and s["timeline"]["failed_phase"] == "move_weights"
     assert "TimeoutError" in s["timeline"]["error"] and s["topology_after"] == "TP2·PP2"
 

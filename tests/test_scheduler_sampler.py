@@ -96,23 +96,31 @@ def test_last_token_text_is_emitted_even_with_a_partial_character():
     """A length finish must flush text: no later token will complete a held-back character."""
     from types import SimpleNamespace
 
-    from remp_megatron.engine import Engine, EngineConfig
-    from remp_megatron.request import Request
-    from remp_megatron.spec import ModelSpec
+    from remp_megatron.output import OutputProcessor
 
-    spec = ModelSpec(architecture="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
-                     num_heads=1, num_kv_heads=1, head_dim=8, rope_theta=1e4, rms_norm_eps=1e-5,
-                     max_position_embeddings=64, tie_word_embeddings=True, qkv_bias=False)
-    kv = SimpleNamespace(buffer=torch.zeros(2, 1, 8, 4, 1, 8))
-    worker = SimpleNamespace(spec=spec, group=None, runner=SimpleNamespace(kv=kv))
     pieces = {3: "ab", 4: "c\ufffd"}  # token 4 decodes to a complete "c" plus half a character
-    tok = SimpleNamespace(eos_token_id=None,
-                          decode=lambda ids, skip_special_tokens: "".join(pieces[i] for i in ids))
-    engine = Engine(worker, EngineConfig(block_size=4, num_blocks=8), tok)
-    h = engine.add_request(Request(request_id="r", prompt_token_ids=[1], params=SamplingParams(max_new_tokens=2)))
-    seq = engine._seqs["r"]
-    engine._append_token(seq, torch.tensor([0, 0, 0, 9.0, 0, 0, 0, 0]))  # "ab"
-    engine._append_token(seq, torch.tensor([0, 0, 0, 0, 9.0, 0, 0, 0]))  # last token: "c\ufffd"
-    done = h.result()
-    assert done.token_ids == [3, 4] and done.finish_reason.value == "length"
-    assert done.text.startswith("abc")  # the complete "c" is not lost
+    tok = SimpleNamespace(decode=lambda ids, skip_special_tokens: "".join(pieces[i] for i in ids))
+    out = OutputProcessor(tok, frozenset())
+    s = Sequence("r", [1], SamplingParams(max_new_tokens=2), seed=0)
+    first, last = out.append(s, 3), out.append(s, 4)
+    assert (first.text, first.finished) == ("ab", False)
+    assert s.output == [3, 4] and last.finished and last.finish_reason.value == "length"
+    assert (first.text + last.text).startswith("abc")  # the complete "c" is not lost
+
+
+def test_partial_character_is_held_back_until_completed_and_stop_strings_cut():
+    from types import SimpleNamespace
+
+    from remp_megatron.output import OutputProcessor
+
+    pieces = {3: "x\ufffd", 4: "é", 5: "STOP", 6: "!"}
+    tok = SimpleNamespace(decode=lambda ids, skip_special_tokens: "".join(pieces[i] for i in ids).replace("\ufffdé", "é"))
+    out = OutputProcessor(tok, frozenset({6}))
+    s = Sequence("r", [1], SamplingParams(max_new_tokens=10, stop=["ST"]), seed=0)
+    held = out.append(s, 3)
+    assert held.text == "" and not held.finished  # half a character: nothing yet
+    assert out.append(s, 4).text == "xé"
+    stop = out.append(s, 5)
+    assert stop.finished and stop.finish_reason.value == "stop" and stop.text == ""  # "ST..." cut
+    eos = OutputProcessor(tok, frozenset({6})).append(Sequence("e", [1], SamplingParams(), seed=0), 6)
+    assert eos.finished and eos.finish_reason.value == "stop"

@@ -13,6 +13,7 @@ import torch
 
 from conftest import Server
 from remp_megatron.policy import CostProfile, TopologyCost
+from remp_megatron.topology import Topology
 from server.api import pb
 from server.client import RempClient
 
@@ -23,20 +24,20 @@ MAX_NEW = 24
 
 
 def test_proto_stubs_are_current():
-    from pathlib import Path
-
     from server.protogen import PROTO_ROOT, generated_now
 
     fresh = generated_now()
-    assert fresh and all((PROTO_ROOT / "remp" / "v1" / n).read_text() == t for n, t in fresh.items())
-    assert Path(PROTO_ROOT / "remp" / "v1" / "remp.proto").exists()
+    assert sorted(fresh) == ["remp_pb2.py", "remp_pb2_grpc.py"]
+    for name, text in fresh.items():
+        assert (PROTO_ROOT / "remp" / "v1" / name).read_text() == text, f"{name} is stale: run `make proto`"
 
 
 @pytest.fixture(scope="module")
 def server(llama_mg, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("server")
     # A made-up cost profile: 2x2 is "latency-optimal", 1x4 "throughput-optimal".
-    CostProfile((TopologyCost("2x2", 0.01, 10.0), TopologyCost("1x4", 0.02, 50.0))).save(tmp / "profile.json")
+    CostProfile((TopologyCost(Topology(2, 2), 0.01, 10.0), TopologyCost(Topology(1, 4), 0.02, 50.0))).save(
+        tmp / "profile.json")
     s = Server(tmp, llama_mg, 4, 2, 2, "--allow-fault-injection", "--max-queue", "64",
                "--max-new-tokens", "256", "--max-prompt-tokens", "128", "--metrics-port", "0",
                "--policy-profile", str(tmp / "profile.json"), "--policy-interval", "0.2", "--policy-low", "0",
@@ -206,18 +207,28 @@ def test_metrics_endpoint(server, client):
         if "metrics on" in line:
             port = int(line.rsplit(":", 1)[1])
     assert port, "server did not log its metrics port"
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    values = {}
-    for line in body.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
+
+    def scrape() -> dict[str, float]:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        return {name: float(value) for name, _, value in
+                (line.rpartition(" ") for line in body.splitlines() if line and not line.startswith("#"))}
+
+    values = scrape()
     # Earlier tests in this module served requests and switched: the counters must show it.
     assert values["remp_ttft_seconds_count"] > 30 and values["remp_generated_tokens_total"] > 30 * MAX_NEW
     assert values['remp_switches_total{outcome="committed"}'] >= 3
     assert values['remp_switches_total{outcome="rolled_back"}'] >= 1
     assert values['remp_switch_phase_seconds_count{phase="move_kv"}'] >= 3
-    assert values["remp_kv_blocks_free"] > 0 and "remp_queue_depth" in values
+    # Gauges follow the engine: one long request running, then none.
+    idle = (values["remp_running_requests"], values["remp_kv_blocks_used"], values["remp_queue_depth"])
+    assert idle == (0, 0, 0)
+    call = client.stream([3, 1, 4, 1, 5], request_id="metered", max_new_tokens=250)
+    next(call)
+    busy = scrape()
+    assert busy["remp_running_requests"] == 1 and busy["remp_kv_blocks_used"] >= 1
+    assert busy["remp_kv_blocks_used"] + busy["remp_kv_blocks_free"] == values["remp_kv_blocks_free"]
+    call.cancel()
+    wait_until(lambda: scrape()["remp_kv_blocks_used"] == 0 and scrape()["remp_running_requests"] == 0, 30)
 
 
 def test_policy_switches_on_its_own_under_a_burst_and_replay_is_answered(server, client):
@@ -226,16 +237,19 @@ def test_policy_switches_on_its_own_under_a_burst_and_replay_is_answered(server,
     sys.path.insert(0, str(ROOT / "scripts"))
     from bench_workload import Arrival, replay
 
+    before = client.status()
+    assert before.topology == "TP2·PP2"  # the latency-optimal topology: only a burst makes the policy leave it
     state = client.set_policy(True)
     assert state.enabled and (state.latency_best, state.throughput_best) == ("2x2", "1x4")
     trace = [Arrival(0.05 * i, 8 + i, 40) for i in range(12)]  # a burst: 12 requests in 0.6 s
     results = replay(server.addr, trace, vocab=256, seed=0)
     assert all(r["tokens"] == 40 and r["finish_reason"] == "length" for r in results)  # every request answered
-    wait_until(lambda: any(d.switched for d in client.status().policy.decisions), 60)
+    wait_until(lambda: any(s.origin == "policy" for s in client.status().switch_history), 60)
     st = client.status()
     decision = next(d for d in st.policy.decisions if d.switched)
-    assert decision.wanted == "1x4" and "load" in decision.reason
-    assert any(s.target == "TP1·PP4" and s.committed for s in st.switch_history)
+    assert decision.current == "2x2" and decision.wanted == "1x4" and "load" in decision.reason
+    own = [s for s in st.switch_history[len(before.switch_history):] if s.origin == "policy"]
+    assert own[0].source == "TP2·PP2" and own[0].target == "TP1·PP4" and own[0].committed
     client.set_policy(False)
     wait_until(lambda: not client.status().reconfiguring, 60)
     switch(client, 2, 2)

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from remp_megatron.engine import exchange_command
+from remp_megatron.worker import broadcast
 from remp_megatron.runtime import init_distributed
 from remp_megatron.scheduler import StepPlan
 from remp_megatron.spec import ModelSpec
@@ -30,7 +30,7 @@ def kv_check(runner, rt, engine=None):
     job = None
     if rt.rank == 0:
         state = engine.state()
-        free = list(engine.sched.alloc._free)
+        free = engine.sched.alloc.free_ids()
         job = []
         for s in state.sequences:
             if s.status != "running":
@@ -40,7 +40,7 @@ def kv_check(runner, rt, engine=None):
             job.append({"id": s.request_id, "tokens": (s.prompt + s.output)[: s.num_computed],
                         "table": s.block_table, "scratch": scratch, "num_computed": s.num_computed,
                         "num_tokens": len(s.prompt) + len(s.output)})
-    job = exchange_command(job, rt.control_group)
+    job = broadcast(job, rt.control_group)
     report = []
     for c in job:
         n = c["num_computed"]

@@ -12,7 +12,9 @@ from pathlib import Path
 import torch.distributed as dist
 
 from common import kv_check, start_world
-from remp_megatron.engine import Engine, EngineConfig, load_worker, worker_loop
+from remp_megatron.config import EngineConfig
+from remp_megatron.engine import Engine
+from remp_megatron.worker import load_worker, worker_loop
 from remp_megatron.kv_cache import KVCache
 from remp_megatron.request import Request, SamplingParams
 from remp_megatron.topology import Topology
@@ -30,7 +32,7 @@ def drive(engine: Engine, sc: dict, rt) -> dict:
         for rid, at in sc.get("cancel", {}).items():
             if at == step:
                 before = engine.sched.alloc.num_free
-                held = len(engine._seqs[rid].block_table)
+                held = len(next(s for s in engine.state().sequences if s.request_id == rid).block_table)
                 engine.cancel(rid)
                 result["cancel"] = {"held": held, "freed": engine.sched.alloc.num_free - before}
         if sc.get("pause_at") == step:

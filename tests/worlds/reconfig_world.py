@@ -2,10 +2,13 @@
 
 Input (--spec JSON): {"model", "start", "engine": {...}, "requests": [{"id", "prompt",
 "max_new"}], "switches": [{"target", "mode", "fault": {phase, rank, kind} | null,
-"timeout": s, "kv_check": bool, "prestage": bool}], "min_inflight": n}.
+"timeout": s, "kv_check": bool, "prestage": bool, "kv_blocks": "live" | "live-1", "tag"}],
+"min_inflight": n}. ``kv_blocks`` sizes the new KV cache from the live blocks at the switch
+("live-1": one block short, so the newest request's KV cannot all be kept).
 Rank 0 keeps >= min_inflight requests mid-generation at every switch and writes --out JSON:
-{"requests": {id: tokens}, "switches": [{timeline, rolled_back, topology_after, inflight,
-kv_check}], "preemptions"}. Every rank writes its weight hashes at start and end to
+{"requests": {id: tokens}, "switches": [{tag, timeline, rolled_back, topology_after, inflight,
+live_blocks, max_live_block, new_num_blocks, param_bytes, kv_check}], "preemptions"}.
+``param_bytes`` is the sum over ranks of the parameter bytes held after the switch. Every rank writes its weight hashes at start and end to
 --out.rank{r}.{start,end}.json (for A -> ... -> A bit-identity).
 """
 import dataclasses
@@ -17,7 +20,9 @@ import torch
 import torch.distributed as dist
 
 from common import kv_check, start_world
-from remp_megatron.engine import Engine, EngineConfig, exchange_command, load_worker, worker_loop
+from remp_megatron.config import EngineConfig
+from remp_megatron.engine import Engine
+from remp_megatron.worker import broadcast, load_worker, worker_loop
 from remp_megatron.reconfigure import Fault, RolledBack
 from remp_megatron.request import Request, SamplingParams
 from remp_megatron.topology import Topology
@@ -28,6 +33,18 @@ def weight_hashes(worker) -> dict:
         return {}
     return {k: hashlib.sha256(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
             for k, v in worker.runner.model.state_dict().items() if v is not None}
+
+
+def param_bytes(worker, rt) -> int:
+    """Collective: parameter bytes held by all ranks together."""
+    n = sum(p.numel() * p.element_size() for p in worker.runner.model.parameters()) if worker.runner else 0
+    total = torch.tensor([n], dtype=torch.int64)
+    dist.all_reduce(total, group=rt.control_group)
+    return int(total.item())
+
+
+def live_block_ids(engine: Engine) -> list[int]:
+    return [b for s in engine.state().sequences if s.status == "running" for b in s.block_table]
 
 
 def drive(engine: Engine, job: dict, rt) -> dict:
@@ -44,13 +61,15 @@ def drive(engine: Engine, job: dict, rt) -> dict:
     for sw in job["switches"]:
         top_up()
         for _ in range(50):  # until enough requests are mid-generation (have output, not done)
-            if sum(1 for s in engine.sched.running if s.output) >= want:
+            # A resized cache must still fit any one request (<= 8 blocks).
+            if (sum(1 for s in engine.sched.running if s.output) >= want
+                    and (not sw.get("kv_blocks") or len(live_block_ids(engine)) >= 9)):
                 break
             engine.step()
             top_up()
         inflight = {s.request_id: s.num_tokens for s in engine.sched.running if s.output}  # token positions
         fault = Fault(**sw["fault"]) if sw.get("fault") else None
-        rec = {"inflight": inflight}
+        rec = {"tag": sw.get("tag", ""), "inflight": inflight}
         if sw.get("prestage"):  # move the weights while serving goes on, then switch
             rec["prestage"] = dataclasses.asdict(engine.prestage(Topology.parse(sw["target"])))
             steps = 0
@@ -62,9 +81,12 @@ def drive(engine: Engine, job: dict, rt) -> dict:
             inflight = {s.request_id: s.num_tokens for s in engine.sched.running if s.output}
             rec["inflight"] = inflight
         preempted_before = engine.sched.num_preemptions
+        live = live_block_ids(engine)
+        rec["live_blocks"], rec["max_live_block"] = len(live), max(live, default=-1)
+        num_blocks = {None: None, "live": len(live), "live-1": len(live) - 1}[sw.get("kv_blocks")]
         try:
             tl = engine.reconfigure(Topology.parse(sw["target"]), sw.get("mode", "migrate"), fault,
-                                    phase_timeout_s=sw.get("timeout", 120.0))
+                                    phase_timeout_s=sw.get("timeout", 120.0), num_blocks=num_blocks)
             rec["rolled_back"] = False
         except RolledBack as e:
             tl = e.timeline
@@ -72,9 +94,13 @@ def drive(engine: Engine, job: dict, rt) -> dict:
         rec["timeline"] = dataclasses.asdict(tl)
         rec["topology_after"] = str(engine.topo)
         rec["preempted_by_switch"] = engine.sched.num_preemptions - preempted_before
+        rec["new_num_blocks"] = engine.state().num_blocks
+        engine.stop_workers()
+        broadcast("param_bytes", rt.control_group)
+        rec["param_bytes"] = param_bytes(engine.worker, rt)
         if sw.get("kv_check"):
             engine.stop_workers()
-            exchange_command("kv_check", rt.control_group)
+            broadcast("kv_check", rt.control_group)
             rec["kv_check"] = kv_check(engine.runner, rt, engine)
         engine.step()  # first step at the new topology
         switches.append(rec)
@@ -83,7 +109,7 @@ def drive(engine: Engine, job: dict, rt) -> dict:
         engine.step()
         top_up()
     engine.stop_workers()
-    exchange_command("done", rt.control_group)
+    broadcast("done", rt.control_group)
     return {"requests": {rid: h.result().token_ids for rid, h in handles.items()}, "switches": switches,
             "preemptions": engine.sched.num_preemptions}
 
@@ -98,9 +124,13 @@ def main():
     else:
         while True:
             worker_loop(worker)
-            if exchange_command(None, rt.control_group) == "done":
+            what = broadcast(None, rt.control_group)
+            if what == "done":
                 break
-            kv_check(worker.runner, rt)
+            if what == "param_bytes":
+                param_bytes(worker, rt)
+            else:
+                kv_check(worker.runner, rt)
     Path(f"{args.out}.rank{rt.rank}.end.json").write_text(json.dumps(weight_hashes(worker)))
     dist.barrier()
     dist.destroy_process_group()

@@ -1,0 +1,28 @@
+"""Engine configuration (pydantic): the one source of the engine's defaults."""
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .kv_cache import blocks_for_budget
+from .spec import ModelSpec
+from .topology import Topology
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    block_size: int = Field(16, ge=1)
+    kv_budget_mb: float = Field(64.0, gt=0)  # per active rank, at the current topology
+    num_blocks: Optional[int] = Field(None, ge=1)  # fixes the block count (overrides the budget)
+    max_num_seqs: int = Field(32, ge=1)
+    max_tokens_per_step: int = Field(256, ge=1)
+    max_queue: int = Field(256, ge=1)
+    prestage_budget_mb: float = Field(0.0, ge=0)  # > 0 enables pre-staging new weight shards
+    prestage_rounds_per_step: int = Field(1, ge=1)  # bucket rounds moved at each step boundary
+
+    def blocks_for(self, spec: ModelSpec, topo: Topology) -> int:
+        if self.num_blocks is not None:
+            return self.num_blocks
+        return blocks_for_budget(spec, topo, self.block_size, int(self.kv_budget_mb * 2**20))
