@@ -30,7 +30,7 @@ $(SMOL_DIR)/config.json: | $(STAMP)
 	$(BIN)/python -m checkpoint_tools.convert import "$$($(BIN)/python -m remp_megatron.assets smollm2-gguf)" $(SMOL_DIR)
 
 demo: $(STAMP) $(SMOL_DIR)/config.json
-	PYTHONWARNINGS=ignore $(BIN)/python scripts/demo.py --model $(SMOL_DIR)
+	$(BIN)/python scripts/demo.py --model $(SMOL_DIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -ra

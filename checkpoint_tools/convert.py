@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from remp_megatron.model import MEGATRON_SUBDIR
+from remp_megatron.quiet import quiet_third_party
 from remp_megatron.spec import ModelSpec, SpecError
 
 from .mapping import ignorable_hf_tensor, rules
@@ -174,6 +175,7 @@ def _progress(what: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_third_party()
     p = argparse.ArgumentParser(prog="remp-convert", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("import", help="HF dir or .gguf -> megatron model dir")

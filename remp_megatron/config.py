@@ -13,14 +13,14 @@ from .topology import Topology
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    block_size: int = Field(16, ge=1)
-    kv_budget_mb: float = Field(64.0, gt=0)  # per active rank, at the current topology
-    num_blocks: Optional[int] = Field(None, ge=1)  # fixes the block count (overrides the budget)
-    max_num_seqs: int = Field(32, ge=1)
-    max_tokens_per_step: int = Field(256, ge=1)
-    max_queue: int = Field(256, ge=1)
-    prestage_budget_mb: float = Field(0.0, ge=0)  # > 0 enables pre-staging new weight shards
-    prestage_rounds_per_step: int = Field(1, ge=1)  # bucket rounds moved at each step boundary
+    block_size: int = Field(16, ge=1, description="tokens per KV-cache block")
+    kv_budget_mb: float = Field(64.0, gt=0, description="KV-cache MiB per active rank, at the current topology")
+    num_blocks: Optional[int] = Field(None, ge=1, description="fixed KV block count (overrides the budget)")
+    max_num_seqs: int = Field(32, ge=1, description="most requests running at once")
+    max_tokens_per_step: int = Field(256, ge=1, description="most tokens (prefill and decode) in one step")
+    max_queue: int = Field(256, ge=1, description="most requests waiting; more are refused (RESOURCE_EXHAUSTED)")
+    prestage_budget_mb: float = Field(0.0, ge=0, description="MiB for pre-staging new weight shards (0: off)")
+    prestage_rounds_per_step: int = Field(1, ge=1, description="pre-staging bucket rounds per step boundary")
 
     def blocks_for(self, spec: ModelSpec, topo: Topology) -> int:
         if self.num_blocks is not None:

@@ -15,16 +15,20 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .topology import Topology
+
 
 class PolicyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    interval_s: float = Field(1.0, gt=0)  # how often load is observed
-    low_load: float = Field(1.0, ge=0)  # queued + running requests at or below: latency mode
-    high_load: float = Field(6.0, gt=0)  # at or above (or KV nearly full): throughput mode
-    kv_high: float = Field(0.9, gt=0, le=1)
-    patience: int = Field(3, ge=1)  # consecutive observations that must agree
-    min_dwell_s: float = Field(15.0, ge=0)  # no switch sooner than this after the last one
+    interval_s: float = Field(1.0, gt=0, description="seconds between load observations")
+    low_load: float = Field(1.0, ge=0, description="load (queued + running requests) at or below which the "
+                                                  "latency-optimal topology is wanted")
+    high_load: float = Field(6.0, gt=0, description="load at or above which (or with KV nearly full) the "
+                                                   "throughput-optimal topology is wanted")
+    kv_high: float = Field(0.9, gt=0, le=1, description="KV usage counted as nearly full")
+    patience: int = Field(3, ge=1, description="consecutive agreeing observations before a switch")
+    min_dwell_s: float = Field(15.0, ge=0, description="seconds after a switch before the next one")
 
     @model_validator(mode="after")
     def _band(self) -> "PolicyConfig":
@@ -35,7 +39,7 @@ class PolicyConfig(BaseModel):
 
 @dataclass(frozen=True)
 class TopologyCost:
-    topology: str  # "1x3" style
+    topology: Topology
     tpot_s: float  # decode time per token at batch 1 (latency)
     tokens_per_s: float  # throughput at a full batch
 
@@ -45,30 +49,32 @@ class CostProfile:
     costs: tuple[TopologyCost, ...]
 
     @property
-    def latency_best(self) -> str:
+    def latency_best(self) -> Topology:
         return min(self.costs, key=lambda c: c.tpot_s).topology
 
     @property
-    def throughput_best(self) -> str:
+    def throughput_best(self) -> Topology:
         return max(self.costs, key=lambda c: c.tokens_per_s).topology
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps([asdict(c) for c in self.costs], indent=2))
+        rows = [{**asdict(c), "topology": c.topology.short} for c in self.costs]  # "1x3" in the file
+        Path(path).write_text(json.dumps(rows, indent=2))
 
     @classmethod
     def load(cls, path: Path) -> "CostProfile":
-        return cls(tuple(TopologyCost(**c) for c in json.loads(Path(path).read_text())))
+        rows = json.loads(Path(path).read_text())
+        return cls(tuple(TopologyCost(**{**c, "topology": Topology.parse(c["topology"])}) for c in rows))
 
 
 @dataclass(frozen=True)
 class Signals:
+    """What the policy reads: how many requests are queued or running, and how full the KV
+    cache is."""
+
     time: float
-    arrival_rate: float  # requests/s over the last window
     queue_depth: int
     running: int
     kv_usage: float  # used / all blocks
-    ttft_p50_s: float = 0.0
-    tpot_p50_s: float = 0.0
 
     @property
     def load(self) -> int:
@@ -78,17 +84,17 @@ class Signals:
 @dataclass(frozen=True)
 class Decision:
     time: float
-    current: str
-    wanted: str
+    current: Topology
+    wanted: Topology
     reason: str
     switch: bool  # True: propose switching to ``wanted`` now
 
 
 class Policy:
-    def __init__(self, cfg: PolicyConfig, profile: CostProfile, current: str, now: float):
+    def __init__(self, cfg: PolicyConfig, profile: CostProfile, current: Topology, now: float):
         self.cfg, self.profile, self.current = cfg, profile, current
         self.last_switch = now
-        self._wanted: Optional[str] = None
+        self._wanted: Optional[Topology] = None
         self._streak = 0
 
     def observe(self, s: Signals) -> Decision:
@@ -113,7 +119,7 @@ class Policy:
                             f"(min dwell {cfg.min_dwell_s:g}s)", False)
         return Decision(s.time, self.current, wanted, f"{why} for {self._streak} observations: switch", True)
 
-    def switched(self, topology: str, now: float) -> None:
+    def switched(self, topology: Topology, now: float) -> None:
         """Record a committed switch (by the policy or an operator)."""
         self.current, self.last_switch = topology, now
         self._wanted, self._streak = None, 0

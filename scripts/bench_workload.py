@@ -16,7 +16,6 @@ import argparse
 import csv
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.client import RempClient  # noqa: E402
+from server.launch import ServerProcess  # noqa: E402
 
 
 @dataclass
@@ -102,35 +102,23 @@ def run_config(name: str, args, trace: list[Arrival], tmp: Path) -> dict:
     from remp_megatron.topology import Topology
 
     if name == "adaptive":
-        topo = Topology.parse(CostProfile.load(args.profile).latency_best)
+        topo = CostProfile.load(args.profile).latency_best
         extra = ["--policy-profile", str(args.profile), "--policy", "--policy-interval", str(args.policy_interval),
                  "--policy-low", str(args.policy_low), "--policy-high", str(args.policy_high),
                  "--policy-patience", str(args.policy_patience), "--policy-min-dwell", str(args.policy_min_dwell)]
     else:
         topo, extra = Topology.parse(name), []
-    port_file = tmp / f"{name}.port"
-    log = open(tmp / f"{name}.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", args.model, "--nproc",
-                               str(args.world), "--tp", str(topo.tp), "--pp", str(topo.pp), "--port", "0",
-                               "--port-file", str(port_file), "--max-queue", "1024", *extra],
-                              stdout=log, stderr=subprocess.STDOUT)
-    while not port_file.exists():
-        if server.poll() is not None:
-            raise RuntimeError(f"server for {name} did not start: see {tmp / f'{name}.log'}")
-        time.sleep(0.2)
-    addr = f"127.0.0.1:{json.loads(port_file.read_text())['port']}"
-    print(f"[{name}] serving at {topo}; replaying {len(trace)} requests over {trace[-1].t:.0f}s ...",
-          file=sys.stderr, flush=True)
-    started = time.time()
-    vocab = ModelSpec.from_file(Path(args.model) / "config.json").vocab_size
-    results = replay(addr, trace, vocab, args.seed)
-    with RempClient(addr) as c:
-        st = c.status()
+    with ServerProcess(args.model, args.world, topo.tp, topo.pp, "--max-queue", "1024", *extra, workdir=tmp,
+                       name=name) as server:
+        print(f"[{name}] serving at {topo}; replaying {len(trace)} requests over {trace[-1].t:.0f}s ...",
+              file=sys.stderr, flush=True)
+        started = time.time()
+        vocab = ModelSpec.from_file(Path(args.model) / "config.json").vocab_size
+        results = replay(server.addr, trace, vocab, args.seed)
+        with RempClient(server.addr) as c:
+            st = c.status()
     switches = [{"at_s": s.started_unix - started, "source": s.source, "target": s.target, "downtime_s": s.downtime_s,
                  "committed": s.committed} for s in st.switch_history]
-    server.terminate()
-    server.wait(timeout=120)
-    log.close()
     return {"name": name, "results": results, "switches": switches}
 
 

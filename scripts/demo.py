@@ -8,17 +8,18 @@ and shuts the server down with SIGTERM.
     python scripts/demo.py --model runs/smollm2
 """
 import argparse
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from textwrap import shorten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.api import pb  # noqa: E402
 from server.client import RempClient  # noqa: E402
+from server.launch import ServerProcess  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?",
@@ -51,22 +52,10 @@ def main() -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--max-new-tokens", type=int, default=48)
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        port_file = Path(tmp) / "port.json"
-        print("starting `remp serve` with SmolLM2-135M on 3 CPU ranks at TP3·PP1 ...", flush=True)
-        server = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", args.model, "--nproc", "3",
-                                   "--tp", "3", "--pp", "1", "--port", "0", "--port-file", str(port_file)],
-                                  stdout=subprocess.DEVNULL, stderr=open(Path(tmp) / "server.log", "w"))
-        while not port_file.exists():
-            if server.poll() is not None:
-                print((Path(tmp) / "server.log").read_text()[-3000:], file=sys.stderr)
-                return 1
-            time.sleep(0.2)
-        import json
-
-        addr = f"127.0.0.1:{json.loads(port_file.read_text())['port']}"
-        client = RempClient(addr)
-        print(f"serving on {addr}: {client.health()}\n")
+    print("starting `remp serve` with SmolLM2-135M on 3 CPU ranks at TP3·PP1 ...", flush=True)
+    with tempfile.TemporaryDirectory() as tmp, ServerProcess(args.model, 3, 3, 1, workdir=tmp) as server:
+        client = RempClient(server.addr)
+        print(f"serving on {server.addr}: {client.health()}\n")
 
         print(f"streaming {len(PROMPTS)} chat prompts, switching topology while they run:")
         answers, threads = stream_all(client, args.max_new_tokens, log=True)
@@ -83,10 +72,10 @@ def main() -> int:
                     st = client.status()
                     print(f"  switch {ev.source} -> {ev.target} with {st.running_requests} requests mid-stream")
                 else:
+                    st = client.status()
                     print(f"    {kind.lower()}: downtime {ev.downtime_s * 1e3:.0f} ms (pause -> first token)"
-                          + (f", {ev.reason}" if ev.reason else ""), flush=True)
-            st = client.status()
-            print(f"    now {st.topology}: active ranks {list(st.active_ranks)}, standby {list(st.standby_ranks)}")
+                          + (f", {ev.reason}" if ev.reason else "")
+                          + f"; active ranks {list(st.active_ranks)}, standby {list(st.standby_ranks)}", flush=True)
         for t in threads:
             t.join()
 
@@ -96,13 +85,12 @@ def main() -> int:
             t.join()
         same = answers == reference
         for q, a, r in zip(PROMPTS, answers, reference):
-            print(f"  Q: {q}\n  A: {a.strip()!r}" + ("" if a == r else f"\n  reference: {r.strip()!r}"))
+            print(f"  {q:<35s} {shorten(a, 64)!r}" + ("" if a == r else f"\n  {'reference:':<35s} {shorten(r, 64)!r}"))
         print(f"\nanswers with live switches == answers without: {same}")
         history = client.status().switch_history
         print("switch history:", ", ".join(f"{s.source}->{s.target} {s.downtime_s * 1e3:.0f} ms" for s in history))
         client.close()
-        server.terminate()
-        code = server.wait(timeout=120)
+        code = server.stop(timeout=120)
         print(f"server shut down on SIGTERM, exit code {code}")
         return 0 if same and code == 0 else 1
 

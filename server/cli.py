@@ -15,10 +15,31 @@ import os
 import signal
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import MessageToDict
+from pydantic import ValidationError
+
+from remp_megatron.quiet import quiet_third_party
+
+if typing.TYPE_CHECKING:
+    from .config import ServerConfig
+
+# `remp serve` flags: ServerConfig field ("engine."/"policy." for its nested configs) -> flag. Each flag's type,
+# default and help come from the field, so a default lives only in the config models.
+SERVE_FLAGS = {
+    "model": "--model", "tp": "--tp", "pp": "--pp", "host": "--host", "port": "--port",
+    "metrics_port": "--metrics-port", "admin_token_file": "--admin-token-file", "tls_cert": "--tls-cert",
+    "tls_key": "--tls-key", "max_prompt_tokens": "--max-prompt-tokens", "max_new_tokens": "--max-new-tokens",
+    "shutdown_grace_s": "--shutdown-grace",
+    "engine.kv_budget_mb": "--kv-budget-mb", "engine.max_num_seqs": "--max-num-seqs",
+    "engine.max_queue": "--max-queue", "engine.block_size": "--block-size",
+    "policy_profile": "--policy-profile", "policy_enabled": "--policy", "policy.interval_s": "--policy-interval",
+    "policy.low_load": "--policy-low", "policy.high_load": "--policy-high", "policy.patience": "--policy-patience",
+    "policy.min_dwell_s": "--policy-min-dwell",
+}
 
 
 def _client(args):
@@ -34,22 +55,53 @@ def _emit(args, msg, text: str) -> None:
     print(json.dumps(MessageToDict(msg, preserving_proto_field_name=True)) if args.json else text, flush=True)
 
 
-def cmd_serve(args) -> int:
-    from remp_megatron.engine import EngineConfig
-    from remp_megatron.policy import PolicyConfig
-
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per SERVE_FLAGS entry; a flag not given is left out, so the model's default applies."""
     from .config import ServerConfig
 
-    cfg = ServerConfig(
-        model=Path(args.model).resolve(), tp=args.tp, pp=args.pp, host=args.host, port=args.port,
-        metrics_port=args.metrics_port, admin_token_file=args.admin_token_file, tls_cert=args.tls_cert,
-        tls_key=args.tls_key, max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-        shutdown_grace_s=args.shutdown_grace, policy_profile=args.policy_profile, policy_enabled=args.policy,
-        policy=PolicyConfig(interval_s=args.policy_interval, low_load=args.policy_low, high_load=args.policy_high,
-                            patience=args.policy_patience, min_dwell_s=args.policy_min_dwell),
-        engine=EngineConfig(kv_budget_mb=args.kv_budget_mb, max_num_seqs=args.max_num_seqs,
-                            max_queue=args.max_queue, block_size=args.block_size))
-    cfg.admin_token()  # refuse to start beyond loopback without a token
+    for path, flag in SERVE_FLAGS.items():
+        *sections, name = path.split(".")
+        model = ServerConfig
+        for section in sections:
+            model = model.model_fields[section].annotation
+        field = model.model_fields[name]
+        kw = dict(dest=path, default=argparse.SUPPRESS, help=field.description)
+        if field.annotation is bool:
+            parser.add_argument(flag, action="store_true", **kw)
+            continue
+        if field.default is not None and not field.is_required():
+            kw["help"] += f" (default: {field.default})"
+        value_type = next(t for t in typing.get_args(field.annotation) or (field.annotation,)
+                          if t is not type(None))  # Optional[X] -> X
+        parser.add_argument(flag, type=value_type, required=field.is_required(),
+                            metavar=flag[2:].upper().replace("-", "_"), **kw)
+
+
+def serve_config(args) -> ServerConfig:
+    """The ServerConfig that `remp serve`'s flags describe."""
+    from .config import ServerConfig
+
+    values: dict = {}
+    for path in SERVE_FLAGS.keys() & vars(args).keys():
+        section, _, name = path.rpartition(".")
+        (values.setdefault(section, {}) if section else values)[name] = getattr(args, path)
+    values["model"] = values["model"].resolve()
+    return ServerConfig.model_validate(values)
+
+
+def cmd_serve(args) -> int:
+    try:
+        cfg = serve_config(args)
+        cfg.admin_token()  # refuse to start beyond loopback without a token
+    except ValidationError as e:
+        for err in e.errors():
+            where = ".".join(map(str, err["loc"]))
+            print(f"remp: error: {SERVE_FLAGS.get(where, where)}: {err['msg'].removeprefix('Value error, ')}",
+                  file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"remp: error: {e}", file=sys.stderr)
+        return 2
     torchrun_flags = args.torchrun or ["--standalone"]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}", *torchrun_flags,
            "-m", "server.main", "--config-json", cfg.model_dump_json()]
@@ -139,6 +191,8 @@ def cmd_health(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_third_party()
+    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="remp", description="ReMP-Megatron server and client")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -150,31 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--json", action="store_true", help="machine-readable output")
 
     s = sub.add_parser("serve", help="launch the server under torchrun")
-    s.add_argument("--model", required=True)
     s.add_argument("--nproc", type=int, required=True, help="ranks on this node (torchrun --nproc-per-node)")
-    s.add_argument("--tp", type=int, default=1)
-    s.add_argument("--pp", type=int, default=1)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=50051)
-    s.add_argument("--port-file")
-    s.add_argument("--metrics-port", type=int)
-    s.add_argument("--admin-token-file")
-    s.add_argument("--tls-cert")
-    s.add_argument("--tls-key")
-    s.add_argument("--max-prompt-tokens", type=int, default=4096)
-    s.add_argument("--max-new-tokens", type=int, default=1024)
-    s.add_argument("--kv-budget-mb", type=float, default=64)
-    s.add_argument("--max-num-seqs", type=int, default=32)
-    s.add_argument("--max-queue", type=int, default=256)
-    s.add_argument("--block-size", type=int, default=16)
-    s.add_argument("--shutdown-grace", type=float, default=10.0)
-    s.add_argument("--policy-profile", help="cost profile JSON for the adaptive policy (bench_engine.py --profile-out)")
-    s.add_argument("--policy", action="store_true", help="start with the adaptive policy on")
-    s.add_argument("--policy-interval", type=float, default=1.0)
-    s.add_argument("--policy-low", type=float, default=1.0, help="load at or below: latency-optimal topology")
-    s.add_argument("--policy-high", type=float, default=6.0, help="load at or above: throughput-optimal topology")
-    s.add_argument("--policy-patience", type=int, default=3)
-    s.add_argument("--policy-min-dwell", type=float, default=15.0)
+    s.add_argument("--port-file", help="write the bound port here once serving")
+    if argv[:1] == ["serve"]:  # the config models import torch: only `remp serve` pays for that
+        add_config_flags(s)
     s.add_argument("--allow-fault-injection", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("torchrun", nargs=argparse.REMAINDER, help="after --: torchrun flags (multi-node etc.)")
     s.set_defaults(fn=cmd_serve)

@@ -8,7 +8,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from remp_megatron.engine import EngineConfig
+from remp_megatron.config import EngineConfig
 from remp_megatron.policy import PolicyConfig
 
 from .api import TOKEN_ENV
@@ -17,23 +17,24 @@ from .api import TOKEN_ENV
 class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: Path
-    tp: int = Field(1, ge=1)
-    pp: int = Field(1, ge=1)
-    host: str = "127.0.0.1"
-    port: int = Field(50051, ge=0, le=65535)
-    metrics_port: Optional[int] = Field(None, ge=0, le=65535)
-    admin_token_file: Optional[Path] = None
-    tls_cert: Optional[Path] = None
-    tls_key: Optional[Path] = None
-    max_prompt_tokens: int = Field(4096, ge=1)
-    max_new_tokens: int = Field(1024, ge=1)
-    max_message_bytes: int = Field(4 * 2**20, ge=1024)
-    shutdown_grace_s: float = Field(10.0, ge=0)
+    model: Path = Field(description="converted model directory (remp-convert import)")
+    tp: int = Field(1, ge=1, description="tensor-parallel size to start at")
+    pp: int = Field(1, ge=1, description="pipeline-parallel size to start at")
+    host: str = Field("127.0.0.1", description="address to listen on; beyond loopback needs an admin token")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: any free port)")
+    metrics_port: Optional[int] = Field(None, ge=0, le=65535, description="Prometheus metrics port (0: any free)")
+    admin_token_file: Optional[Path] = Field(None, description=f"file with the Admin RPC token (else ${TOKEN_ENV})")
+    tls_cert: Optional[Path] = Field(None, description="PEM certificate chain: serve over TLS")
+    tls_key: Optional[Path] = Field(None, description="PEM private key of the TLS certificate")
+    max_prompt_tokens: int = Field(4096, ge=1, description="longest prompt accepted, in tokens")
+    max_new_tokens: int = Field(1024, ge=1, description="most new tokens a request may ask for")
+    max_message_bytes: int = Field(4 * 2**20, ge=1024, description="largest gRPC message")
+    shutdown_grace_s: float = Field(10.0, ge=0, description="seconds running requests get to finish on SIGTERM")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
-    policy_profile: Optional[Path] = None  # cost profile JSON (bench_engine.py --profile-out)
-    policy_enabled: bool = False  # on at start (else via Admin.SetPolicy)
+    policy_profile: Optional[Path] = Field(
+        None, description="cost profile JSON for the adaptive policy (bench_engine.py --profile-out)")
+    policy_enabled: bool = Field(False, description="start with the adaptive policy on (else `remp policy on`)")
 
     @property
     def loopback_only(self) -> bool:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from remp_megatron.engine import Engine
+from remp_megatron.quiet import quiet_third_party
 from remp_megatron.worker import load_worker, worker_loop
 from remp_megatron.runtime import init_distributed
 from remp_megatron.spec import ModelSpec
@@ -31,6 +32,7 @@ log = logging.getLogger("remp.server")
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_third_party()
     p = argparse.ArgumentParser()
     p.add_argument("--config-json", required=True)
     p.add_argument("--port-file", help="write the bound port here once serving (tests, scripts)")

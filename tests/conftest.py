@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from server.launch import ServerProcess
+
 ROOT = Path(__file__).resolve().parents[1]
 WORLDS = ROOT / "tests" / "worlds"
 
@@ -102,37 +104,9 @@ def smol_hf(smol_gguf):
     ).eval()
 
 
-class Server:
-    """`remp serve` as a subprocess on 127.0.0.1 with an ephemeral port."""
+class Server(ServerProcess):
+    """`remp serve` for a test, logging to ``tmp/server.log``."""
 
     def __init__(self, tmp: Path, model: Path, nproc: int, tp: int, pp: int, *extra: str, timeout: float = 240):
-        import json
-        import time
-
-        self.port_file = tmp / "port.json"
-        self.log = open(tmp / "server.log", "w")
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--nproc", str(nproc),
-               "--tp", str(tp), "--pp", str(pp), "--port", "0", "--port-file", str(self.port_file), *extra]
-        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout
-        while not self.port_file.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"server did not start:\n{(tmp / 'server.log').read_text()[-4000:]}")
-            time.sleep(0.2)
-        self.addr = f"127.0.0.1:{json.loads(self.port_file.read_text())['port']}"
-        self.log_path = tmp / "server.log"
-
-    def stop(self, timeout: float = 60) -> int:
-        import signal
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
+        super().__init__(model, nproc, tp, pp, *extra, workdir=tmp, timeout=timeout,
+                         env={"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
