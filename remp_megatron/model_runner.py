@@ -39,8 +39,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_step(self, plan: StepPlan, driver: int = 0) -> Optional[torch.Tensor]:
-        """Execute one step on this rank. On the driver rank returns fp32 logits
-        [len(plan.logit_rows()), vocab] for the sampled rows; elsewhere None.
+        """Execute one step on this rank. On the driver rank returns fp32 logits (fp64 for an
+        fp64 model) [len(plan.logit_rows()), vocab] for the sampled rows; elsewhere None.
 
         With PP>1 the batch is split into micro-batches so stage s works on micro-batch m+1
         while stage s+1 works on m. Every send is non-blocking (waited at the end) so no
@@ -53,7 +53,8 @@ class ModelRunner:
         if is_driver and not self.is_last:
             src = self.topo.rank_of(self.topo.pp - 1, 0)
             for i, mb in enumerate(mbs):
-                buf = torch.empty(len(mb.logit_rows()), self.spec.vocab_size, device=self.device)
+                buf = torch.empty(len(mb.logit_rows()), self.spec.vocab_size, device=self.device,
+                                  dtype=torch.promote_types(self.spec.torch_dtype, torch.float32))
                 pending.append(dist.irecv(buf, src=src, tag=_LOGITS_TAG + i))
                 from_last.append(buf)
         results = []
@@ -65,7 +66,8 @@ class ModelRunner:
                 continue
             rows = torch.tensor(mb.logit_rows(), dtype=torch.long, device=self.device)
             logits, _ = self.model.output_layer(hidden[rows], weight=shared_output_weight(self.model))
-            logits = logits[:, 0, :].float()
+            # At least fp32 for sampling; fp64 models (exactness tests) keep fp64.
+            logits = logits[:, 0, :].to(torch.promote_types(self.spec.torch_dtype, torch.float32))
             if is_driver:
                 results.append(logits)
             elif self.tp_rank == 0:

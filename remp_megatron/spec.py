@@ -24,7 +24,8 @@ _HF_FIELD = {
     "num_kv_heads": "num_key_value_heads",
     "eos_token_ids": "eos_token_id",
 }
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# float64 is for exactness tests (parity worlds), not for serving.
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 class SpecError(ValueError):
@@ -47,7 +48,7 @@ class ModelSpec(BaseModel):
     max_position_embeddings: PositiveInt
     tie_word_embeddings: bool
     qkv_bias: bool
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     eos_token_ids: tuple[int, ...] = ()
 
     @field_validator("num_kv_heads")

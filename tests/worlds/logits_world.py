@@ -1,18 +1,23 @@
-"""torchrun world for parity tests, per model and topology: full-sequence logits of each
-prompt and (with --greedy N) N greedy tokens per prompt.
+"""torchrun world for parity tests, per model, dtype and topology: full-sequence logits of
+each prompt and (with --greedy N, fp32 only: the serving dtype) N greedy tokens per prompt.
 
-One world serves every (model, topology) case: parallel state is re-initialised in place.
-Rank 0 (the driver, which receives the last stage's logits) writes
-{out}/{model}__tp{T}pp{P}.pt: {"logits": [[len, vocab]...], "greedy": [[N ids]...]}; greedy
-decoding runs through the engine with EOS ignored.
+One world serves every (model, dtype, topology) case: parallel state is re-initialised in
+place. ``--dtypes float64`` builds the model in fp64 from the same (fp32) checkpoint, so
+parity can be checked without fp32 rounding noise. Rank 0 (the driver, which receives the
+last stage's logits) writes {out}/{model}__{dtype}__tp{T}pp{P}.pt:
+{"logits": [[len, vocab]...], "greedy": [[N ids]...]}; greedy decoding runs through the
+engine with EOS ignored.
 """
 import argparse
+import itertools
 import json
 from pathlib import Path
 
 import torch
 
-from remp_megatron.engine import Engine, EngineConfig, load_worker, worker_loop
+from remp_megatron.config import EngineConfig
+from remp_megatron.engine import Engine
+from remp_megatron.worker import load_worker, worker_loop
 from remp_megatron.request import Request, SamplingParams
 from remp_megatron.scheduler import StepPlan
 from remp_megatron.runtime import init_distributed
@@ -29,11 +34,14 @@ def main():
     p.add_argument("--prompts", required=True, help="json: list of token-id lists")
     p.add_argument("--out", required=True)
     p.add_argument("--greedy", type=int, default=0)
+    p.add_argument("--dtypes", nargs="+", default=["float32"], help="model dtypes to run (float32, float64)")
     args = p.parse_args()
     rt = init_distributed()
     prompts = json.loads(Path(args.prompts).read_text())
-    for model_dir in args.models:
-        spec = ModelSpec.from_file(Path(model_dir) / "config.json")
+    for model_dir, dtype in itertools.product(args.models, args.dtypes):
+        # Same (fp32) checkpoint, model built in `dtype`: loading casts into the model's tensors.
+        spec = ModelSpec.from_file(Path(model_dir) / "config.json").model_copy(update={"dtype": dtype})
+        greedy = args.greedy if dtype == "float32" else 0
         for t in args.topologies:
             topo = Topology.parse(t)
             cfg = EngineConfig(block_size=BLOCK, num_blocks=sum(-(-(len(x) + args.greedy) // BLOCK) for x in prompts))
@@ -52,17 +60,17 @@ def main():
                 logits = runner.run_step(plan)
                 if logits is not None:
                     result["logits"] = list(torch.split(logits, [len(x) for x in prompts]))
-            if args.greedy and rt.rank == 0:
+            if greedy and rt.rank == 0:
                 engine = Engine(worker, cfg)
                 handles = [engine.add_request(Request(request_id=str(i), prompt_token_ids=x, params=SamplingParams(
-                    max_new_tokens=args.greedy, ignore_eos=True))) for i, x in enumerate(prompts)]
+                    max_new_tokens=greedy, ignore_eos=True))) for i, x in enumerate(prompts)]
                 engine.run_until_idle()
                 engine.stop_workers()
                 result["greedy"] = [h.result().token_ids for h in handles]
-            elif args.greedy:
+            elif greedy:
                 worker_loop(worker)
             if rt.rank == 0:
-                torch.save(result, Path(args.out) / f"{Path(model_dir).name}__tp{topo.tp}pp{topo.pp}.pt")
+                torch.save(result, Path(args.out) / f"{Path(model_dir).name}__{dtype}__tp{topo.tp}pp{topo.pp}.pt")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
