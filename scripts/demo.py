@@ -63,23 +63,25 @@ def main() -> int:
             time.sleep(0.05)
         for tp, pp in SWITCHES:
             time.sleep(0.5)
+            phases = []
             for ev in client.reconfigure(tp, pp):
                 kind = pb.ReconfigureEvent.Kind.Name(ev.kind)
                 if kind == "PHASE":
-                    print(f"      {ev.phase:<13s}{ev.seconds * 1e3:7.1f} ms" + (f"  {ev.bytes / 2**20:6.1f} MiB"
-                                                                                 if ev.bytes else ""))
+                    phases.append(f"{ev.phase} {ev.seconds * 1e3:.0f} ms"
+                                  + (f" ({ev.bytes / 2**20:.1f} MiB)" if ev.bytes else ""))
                 elif kind == "ACCEPTED":
                     st = client.status()
                     print(f"  switch {ev.source} -> {ev.target} with {st.running_requests} requests mid-stream")
                 else:
                     st = client.status()
+                    print("    phases: " + ", ".join(phases))
                     print(f"    {kind.lower()}: downtime {ev.downtime_s * 1e3:.0f} ms (pause -> first token)"
                           + (f", {ev.reason}" if ev.reason else "")
                           + f"; active ranks {list(st.active_ranks)}, standby {list(st.standby_ranks)}", flush=True)
         for t in threads:
             t.join()
 
-        print("\nsame prompts again, no switch (reference):")
+        print("\nsame prompts again without switching; answers (with switches):")
         reference, threads = stream_all(client, args.max_new_tokens, log=False)
         for t in threads:
             t.join()
