@@ -1,0 +1,8 @@
+"""ReMP-Megatron: serve Megatron-format LLMs and change TP×PP while serving.
+
+The DeepSpeed-MII-style entry points (``serve``, ``client``, ``pipeline``) live with the front end
+in ``server.python_api``; see its docstring.
+"""
+from server.python_api import Client, Pipeline, Response, SwitchResult, client, pipeline, serve
+
+__all__ = ["serve", "client", "pipeline", "Client", "Pipeline", "Response", "SwitchResult"]

@@ -13,7 +13,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from .config import EngineConfig
 from .model_runner import ModelRunner
@@ -36,19 +36,22 @@ class Completion:
 
 
 class RequestHandle:
-    """A request's stream of StepOutputs (thread-safe), with its timing."""
+    """A request's stream of StepOutputs, with its timing. Read it by iterating (thread-safe), or
+    give a ``sink`` that each output is handed to on the engine thread instead (an event loop's
+    queue: it must not block)."""
 
-    def __init__(self, request_id: str, prompt_tokens: int):
+    def __init__(self, request_id: str, prompt_tokens: int, sink: Optional[Callable[[StepOutput], None]] = None):
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
         self.arrival = time.monotonic()
         self.token_times: list[float] = []
         self._q: queue.Queue[StepOutput] = queue.Queue()
+        self._sink = sink or self._q.put
 
     def put(self, out: StepOutput) -> None:
         if out.token_ids:
             self.token_times.append(time.monotonic())
-        self._q.put(out)
+        self._sink(out)
 
     def __iter__(self) -> Iterator[StepOutput]:
         while True:
@@ -122,7 +125,7 @@ class Engine:
         self._stopping = False
 
     # ---- requests ---------------------------------------------------------------------
-    def add_request(self, req: Request) -> RequestHandle:
+    def add_request(self, req: Request, sink: Optional[Callable[[StepOutput], None]] = None) -> RequestHandle:
         if req.params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         if any(not 0 <= t < self.spec.vocab_size for t in req.prompt_token_ids):
@@ -133,7 +136,7 @@ class Engine:
             self.sched.check(len(req.prompt_token_ids), req.params.max_new_tokens)
             seed = req.params.seed if req.params.seed is not None else random.getrandbits(62)
             seq = Sequence(req.request_id, list(req.prompt_token_ids), req.params, seed)
-            handle = RequestHandle(req.request_id, len(seq.prompt))
+            handle = RequestHandle(req.request_id, len(seq.prompt), sink)
             self.sched.add(seq)
             self._seqs[req.request_id] = seq
             self._handles[req.request_id] = handle

@@ -41,11 +41,14 @@ def accelerator() -> tuple[str, str]:
     return acc.device_name(), acc.communication_backend_name()
 
 
-def init_distributed(timeout_s: float = 300.0) -> Runtime:
-    """Initialise torch.distributed from torchrun's environment (or a 1-rank world)."""
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+def init_distributed(timeout_s: float = 300.0, rank: int | None = None, world: int | None = None,
+                     init_method: str | None = None) -> Runtime:
+    """Initialise torch.distributed from torchrun's environment (or a 1-rank world). ``rank``,
+    ``world`` and ``init_method`` (a ``tcp://`` address) override it, for a process that starts
+    its own world (``remp_megatron.pipeline``)."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if init_method is None else rank
     device_type, backend = accelerator()
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
@@ -58,16 +61,16 @@ def init_distributed(timeout_s: float = 300.0) -> Runtime:
         cpu_compat.apply_all()
     timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # a single process outside torchrun (tools, tests)
+        if init_method is None and "MASTER_ADDR" not in os.environ:  # one process outside torchrun (tools, tests)
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout, init_method=init_method)
     control = dist.new_group(backend="gloo", timeout=timeout)
     log.info("rank %d/%d device=%s backend=%s", rank, world, device, backend)
     return Runtime(rank, world, local_rank, device, backend, control)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:

@@ -3,7 +3,8 @@
 Starts `remp serve` at TP3·PP1, streams several chat prompts, and while they stream switches
 to TP1·PP3, to TP1·PP1 (two ranks standby) and back to TP3·PP1, printing each switch's downtime
 and phases. Then runs the same prompts without switching and checks the answers are equal,
-and shuts the server down with SIGTERM.
+asks one of them again through the OpenAI HTTP API with the official `openai` client (same
+answer expected), and shuts the server down with SIGTERM.
 
     python scripts/demo.py --model runs/smollm2
 """
@@ -53,9 +54,10 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=48)
     args = p.parse_args()
     print("starting `remp serve` with SmolLM2-135M on 3 CPU ranks at TP3·PP1 ...", flush=True)
-    with tempfile.TemporaryDirectory() as tmp, ServerProcess(args.model, 3, 3, 1, workdir=tmp) as server:
+    with (tempfile.TemporaryDirectory() as tmp,
+          ServerProcess(args.model, 3, 3, 1, "--http-port", "0", workdir=tmp) as server):
         client = RempClient(server.addr)
-        print(f"serving on {server.addr}: {client.health()}\n")
+        print(f"serving gRPC on {server.addr} ({client.health()}), OpenAI HTTP API on {server.http_url}/v1\n")
 
         print(f"streaming {len(PROMPTS)} chat prompts, switching topology while they run:")
         answers, threads = stream_all(client, args.max_new_tokens, log=True)
@@ -89,12 +91,23 @@ def main() -> int:
         for q, a, r in zip(PROMPTS, answers, reference):
             print(f"  {q:<35s} {shorten(a, 64)!r}" + ("" if a == r else f"\n  {'reference:':<35s} {shorten(r, 64)!r}"))
         print(f"\nanswers with live switches == answers without: {same}")
+
+        import openai
+
+        oai = openai.OpenAI(base_url=server.http_url + "/v1", api_key="unused")
+        model = oai.models.list().data[0].id
+        chat = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPTS[0]}],
+                                           max_tokens=args.max_new_tokens, temperature=0)
+        http_same = chat.choices[0].message.content == reference[0]
+        print(f"openai client -> POST {server.http_url}/v1/chat/completions (model {model!r}): "
+              f"{shorten(chat.choices[0].message.content, 64)!r}\n  usage {chat.usage.prompt_tokens} prompt + "
+              f"{chat.usage.completion_tokens} completion tokens; same as over gRPC: {http_same}")
         history = client.status().switch_history
         print("switch history:", ", ".join(f"{s.source}->{s.target} {s.downtime_s * 1e3:.0f} ms" for s in history))
         client.close()
         code = server.stop(timeout=120)
         print(f"server shut down on SIGTERM, exit code {code}")
-        return 0 if same and code == 0 else 1
+        return 0 if same and http_same and code == 0 else 1
 
 
 if __name__ == "__main__":

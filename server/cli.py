@@ -30,7 +30,8 @@ if typing.TYPE_CHECKING:
 # `remp serve` flags: ServerConfig field ("engine."/"policy." for its nested configs) -> flag. Each flag's type,
 # default and help come from the field, so a default lives only in the config models.
 SERVE_FLAGS = {
-    "model": "--model", "tp": "--tp", "pp": "--pp", "host": "--host", "port": "--port",
+    "model": "--model", "tp": "--tp", "pp": "--pp", "host": "--host", "port": "--port", "http_port": "--http-port",
+    "served_model_name": "--served-model-name",
     "metrics_port": "--metrics-port", "admin_token_file": "--admin-token-file", "tls_cert": "--tls-cert",
     "tls_key": "--tls-key", "max_prompt_tokens": "--max-prompt-tokens", "max_new_tokens": "--max-new-tokens",
     "shutdown_grace_s": "--shutdown-grace",

@@ -36,7 +36,7 @@ class RempClient:
         self.admin = pb_grpc.AdminStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
-    def _request(self, prompt: Prompt, request_id: str = "", **params) -> pb.GenerateRequest:
+    def build_request(self, prompt: Prompt, request_id: str = "", **params) -> pb.GenerateRequest:
         stop = params.pop("stop", [])
         stop_ids = params.pop("stop_token_ids", [])
         ignore_eos = params.pop("ignore_eos", False)
@@ -45,11 +45,11 @@ class RempClient:
 
     def generate(self, prompt: Prompt, request_id: str = "", timeout: Optional[float] = None,
                  **params) -> pb.GenerateResponse:
-        return self.inference.Generate(self._request(prompt, request_id, **params), timeout=timeout)
+        return self.inference.Generate(self.build_request(prompt, request_id, **params), timeout=timeout)
 
     def stream(self, prompt: Prompt, request_id: str = "", timeout: Optional[float] = None,
                **params) -> Iterator[pb.GenerateChunk]:
-        return self.inference.GenerateStream(self._request(prompt, request_id, **params), timeout=timeout)
+        return self.inference.GenerateStream(self.build_request(prompt, request_id, **params), timeout=timeout)
 
     def cancel(self, request_id: str) -> bool:
         return self.inference.Cancel(pb.CancelRequest(request_id=request_id)).cancelled
@@ -67,6 +67,10 @@ class RempClient:
 
     def set_policy(self, enabled: bool, timeout: Optional[float] = None) -> pb.PolicyState:
         return self.admin.SetPolicy(pb.SetPolicyRequest(enabled=enabled), metadata=self._admin_md(), timeout=timeout)
+
+    def shutdown(self, timeout: Optional[float] = 30) -> None:
+        """Graceful shutdown of the server (returns at once; the server drains, then exits)."""
+        self.admin.Shutdown(pb.ShutdownRequest(), metadata=self._admin_md(), timeout=timeout)
 
     def health(self, service: str = "", timeout: Optional[float] = 5) -> str:
         resp = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)

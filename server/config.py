@@ -22,6 +22,10 @@ class ServerConfig(BaseModel):
     pp: int = Field(1, ge=1, description="pipeline-parallel size to start at")
     host: str = Field("127.0.0.1", description="address to listen on; beyond loopback needs an admin token")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: any free port)")
+    http_port: Optional[int] = Field(None, ge=0, le=65535,
+                                     description="OpenAI-compatible HTTP API port (0: any free port; default: off)")
+    served_model_name: Optional[str] = Field(None, min_length=1,
+                                             description="model id in the HTTP API (default: the model directory's name)")
     metrics_port: Optional[int] = Field(None, ge=0, le=65535, description="Prometheus metrics port (0: any free)")
     admin_token_file: Optional[Path] = Field(None, description=f"file with the Admin RPC token (else ${TOKEN_ENV})")
     tls_cert: Optional[Path] = Field(None, description="PEM certificate chain: serve over TLS")
@@ -35,6 +39,10 @@ class ServerConfig(BaseModel):
     policy_profile: Optional[Path] = Field(
         None, description="cost profile JSON for the adaptive policy (bench_engine.py --profile-out)")
     policy_enabled: bool = Field(False, description="start with the adaptive policy on (else `remp policy on`)")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model.name
 
     @property
     def loopback_only(self) -> bool:

@@ -1,4 +1,5 @@
-"""gRPC front end in rank 0's process: Inference and Admin services over one Engine.
+"""gRPC front end in rank 0's process: the Inference and Admin services, translated onto the
+transport-neutral ``Service`` (service.py).
 
 The engine runs its serving loop in a background thread; RPC threads only add, cancel and
 read. A reconfiguration pauses the loop at a step boundary, so requests arriving meanwhile
@@ -6,59 +7,69 @@ queue and streams in flight just see a gap in tokens.
 """
 from __future__ import annotations
 
-import hmac
-import itertools
-import logging
+import functools
+import inspect
 from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from pydantic import ValidationError
 
-from remp_megatron.engine import Engine, RequestHandle
-from remp_megatron.reconfigure import MODES, PHASES, Fault
-from remp_megatron.request import Request, SamplingParams
-from remp_megatron.scheduler import QueueFull, RequestTooLong
-from remp_megatron.topology import Topology, TopologyError
-
-from . import metrics
 from .api import pb, pb_grpc
 from .config import ServerConfig
-from .switching import SwitchController, SwitchRequest
+from .service import ApiError, ErrorKind, Service, invalid
 
-log = logging.getLogger("remp.server")
-
-CHAT_ROLES = ("system", "user", "assistant")
+GRPC_CODES = {
+    ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT, ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorKind.PERMISSION: grpc.StatusCode.PERMISSION_DENIED, ErrorKind.QUEUE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION, ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+}
 _PARAM_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
+_PARAM_NAMES = {f: f"params.{f}" for f in (*_PARAM_FIELDS, "stop", "stop_token_ids", "ignore_eos")}
+
+
+def _abort_on_api_error(method):
+    """An ApiError ends the RPC with its status code and message."""
+    @functools.wraps(method)
+    def unary(self, request, context):
+        try:
+            return method(self, request, context)
+        except ApiError as e:
+            context.abort(GRPC_CODES[e.kind], e.message)
+
+    @functools.wraps(method)
+    def streaming(self, request, context):
+        try:
+            yield from method(self, request, context)
+        except ApiError as e:
+            context.abort(GRPC_CODES[e.kind], e.message)
+
+    return streaming if inspect.isgeneratorfunction(method) else unary
 
 
 class Frontend(pb_grpc.InferenceServicer, pb_grpc.AdminServicer):
-    def __init__(self, engine: Engine, switches: SwitchController, cfg: ServerConfig, tokenizer=None,
-                 allow_fault_injection: bool = False, policy=None):
-        self.engine, self.switches, self.cfg, self.tok = engine, switches, cfg, tokenizer
-        self.token = cfg.admin_token()
-        self.allow_fault_injection = allow_fault_injection
-        self.accepting = True
-        self.policy = policy  # a PolicyLoop when the server has a cost profile
-        self._ids = itertools.count(1)
+    def __init__(self, service: Service):
+        self.service = service
 
     # ---- Inference --------------------------------------------------------------------
+    @_abort_on_api_error
     def Generate(self, request, context):
-        handle = self._submit(request, context)
-        context.add_callback(lambda: self.engine.cancel(handle.request_id))
+        handle = self.service.submit(self._to_request(request))
+        context.add_callback(lambda: self.service.cancel(handle.request_id))
         done = handle.result()
-        self._observe(handle, done.finish_reason.value)
+        self.service.observe(handle, done.finish_reason.value)
         ttft = handle.token_times[0] - handle.arrival if handle.token_times else 0.0
         return pb.GenerateResponse(request_id=handle.request_id, token_ids=done.token_ids, text=done.text,
                                    finish_reason=done.finish_reason.value, ttft_s=ttft,
                                    usage=pb.Usage(prompt_tokens=handle.prompt_tokens,
                                                   completion_tokens=len(done.token_ids)))
 
+    @_abort_on_api_error
     def GenerateStream(self, request, context):
-        handle = self._submit(request, context)
+        handle = self.service.submit(self._to_request(request))
         # Client gone (or RPC over for any reason): cancel now, freeing its KV blocks.
-        context.add_callback(lambda: self.engine.cancel(handle.request_id))
+        context.add_callback(lambda: self.service.cancel(handle.request_id))
         for out in handle:
             yield pb.GenerateChunk(request_id=out.request_id, token_ids=out.token_ids, text=out.text,
                                    finished=out.finished,
@@ -66,116 +77,55 @@ class Frontend(pb_grpc.InferenceServicer, pb_grpc.AdminServicer):
                                    usage=pb.Usage(prompt_tokens=out.prompt_tokens,
                                                   completion_tokens=out.completion_tokens))
             if out.finished:
-                self._observe(handle, out.finish_reason.value)
+                self.service.observe(handle, out.finish_reason.value)
 
     def Cancel(self, request, context):
-        return pb.CancelResponse(cancelled=self.engine.cancel(request.request_id))
+        return pb.CancelResponse(cancelled=self.service.cancel(request.request_id))
 
     # ---- Admin ------------------------------------------------------------------------
+    @_abort_on_api_error
     def Reconfigure(self, request, context):
         self._authorize(context)
-        target = Topology(request.tp, request.pp)
-        try:
-            target.validate(self.engine.spec, self.engine.worker.world)
-        except TopologyError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        mode = request.mode or "migrate"
-        if mode not in MODES:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"mode {mode!r} is not one of {list(MODES)}")
-        fault = self._fault(request.inject_fault, context) if request.inject_fault else None
-        events = self.switches.start(SwitchRequest(target, mode, fault))
-        if events is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a reconfiguration is already running")
+        events = self.service.reconfigure(request.tp, request.pp, request.mode, request.inject_fault)
         yield from iter(events.get, None)
 
+    @_abort_on_api_error
     def SetPolicy(self, request, context):
         self._authorize(context)
-        if self.policy is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no policy cost profile (serve --policy-profile FILE)")
-        self.policy.enabled = request.enabled
-        return self.policy.state()
+        return self.service.set_policy(request.enabled)
 
+    @_abort_on_api_error
     def GetStatus(self, request, context):
         self._authorize(context)
-        load, topo, world = self.engine.load(), self.engine.topo, self.engine.worker.world
-        return pb.StatusResponse(
-            topology=str(topo), tp=topo.tp, pp=topo.pp, world_size=world,
-            active_ranks=list(range(topo.size)), standby_ranks=list(range(topo.size, world)),
-            queue_depth=load.queued, running_requests=load.running, kv_blocks_used=load.kv_blocks_used,
-            kv_blocks_free=load.kv_blocks_free, kv_block_size=self.engine.cfg.block_size,
-            switch_history=list(self.switches.history), reconfiguring=self.switches.busy,
-            policy=self.policy.state() if self.policy is not None else None)
+        return self.service.status()
+
+    @_abort_on_api_error
+    def Shutdown(self, request, context):
+        self._authorize(context)
+        self.service.request_shutdown()
+        return pb.ShutdownResponse()
 
     # ---- internals --------------------------------------------------------------------
-    def _submit(self, request, context) -> RequestHandle:
-        if not self.accepting:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-        req = self._to_request(request, context)
-        try:
-            return self.engine.add_request(req)
-        except QueueFull as e:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except (RequestTooLong, ValueError) as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    def _authorize(self, context) -> None:
+        self.service.authorize(dict(context.invocation_metadata()).get("authorization"))
 
-    def _to_request(self, request, context) -> Request:
-        def bad(msg: str):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, msg)
-
+    def _to_request(self, request):
+        svc = self.service
         kind = request.WhichOneof("prompt")
         if kind is None:
-            bad("prompt: one of text, chat or token_ids is required")
-        if kind in ("text", "chat") and self.tok is None:
-            bad(f"prompt.{kind}: this model has no tokenizer; send token_ids")
+            raise invalid("prompt: one of text, chat or token_ids is required")
         if kind == "text":
-            ids = self.tok.encode(request.text, add_special_tokens=False)
+            ids = svc.encode_text(request.text, "prompt.text")
         elif kind == "chat":
-            msgs = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-            if not msgs or any(m["role"] not in CHAT_ROLES for m in msgs):
-                bad(f"prompt.chat: needs at least one message, roles in {list(CHAT_ROLES)}")
-            ids = list(self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
-                                                    return_dict=True)["input_ids"])
+            ids = svc.encode_chat([{"role": m.role, "content": m.content} for m in request.chat.messages],
+                                  "prompt.chat")
         else:
             ids = list(request.token_ids.ids)
-        if len(ids) > self.cfg.max_prompt_tokens:
-            bad(f"prompt: {len(ids)} tokens exceeds the server limit of {self.cfg.max_prompt_tokens}")
         p = request.params
         params = {f: getattr(p, f) for f in _PARAM_FIELDS if p.HasField(f)}
-        params.setdefault("max_new_tokens", min(64, self.cfg.max_new_tokens))
-        if params["max_new_tokens"] > self.cfg.max_new_tokens:
-            bad(f"params.max_new_tokens: {params['max_new_tokens']} exceeds the server limit of "
-                f"{self.cfg.max_new_tokens}")
-        try:
-            return Request(request_id=request.request_id or f"req-{next(self._ids)}", prompt_token_ids=ids,
-                           params=SamplingParams(stop=list(p.stop), stop_token_ids=list(p.stop_token_ids),
-                                                 ignore_eos=p.ignore_eos, **params))
-        except ValidationError as e:
-            err = e.errors()[0]
-            bad(f"{'.'.join(map(str, err['loc'])) or 'request'}: {err['msg']}")
-
-    def _authorize(self, context) -> None:
-        if self.token is None:
-            return
-        got = dict(context.invocation_metadata()).get("authorization", "")
-        if not hmac.compare_digest(got, f"Bearer {self.token}"):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "Admin RPCs need 'authorization: Bearer <token>'")
-
-    def _fault(self, spec: str, context) -> Fault:
-        phase, _, rank = spec.partition(":")
-        if not self.allow_fault_injection:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "fault injection is off (--allow-fault-injection)")
-        if phase not in PHASES or (rank and not rank.isdigit()):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"inject_fault: expected PHASE[:RANK], PHASE in {PHASES}")
-        return Fault(phase, int(rank or 0))
-
-    def _observe(self, handle: RequestHandle, finish_reason: str) -> None:
-        metrics.REQUESTS.labels(finish_reason).inc()
-        t = handle.token_times
-        metrics.TOKENS.inc(len(t))
-        if t:
-            metrics.TTFT.observe(t[0] - handle.arrival)
-        if len(t) > 1:
-            metrics.TPOT.observe((t[-1] - t[0]) / (len(t) - 1))
+        params.setdefault("max_new_tokens", min(64, svc.cfg.max_new_tokens))
+        params.update(stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos)
+        return svc.make_request(ids, params, request.request_id or svc.new_id("req"), _PARAM_NAMES)
 
 
 def start_grpc(frontend: Frontend, cfg: ServerConfig) -> tuple[grpc.Server, int, health.HealthServicer]:

@@ -13,7 +13,8 @@ from pathlib import Path
 class ServerProcess:
     """``remp serve --model MODEL --nproc NPROC --tp TP --pp PP *EXTRA --port 0``, serving once constructed.
 
-    Its stdout and stderr go to ``workdir/NAME.log`` (``.log_path``); ``.addr`` is ``127.0.0.1:PORT``;
+    Its stdout and stderr go to ``workdir/NAME.log`` (``.log_path``); ``.addr`` is ``127.0.0.1:PORT``, and with
+    ``--http-port`` in ``extra``, ``.http_url`` is ``http://127.0.0.1:HTTP_PORT`` (else None);
     ``env`` adds to the environment. If the server exits or is not serving within ``timeout`` seconds, it is
     stopped and RuntimeError carries the log's tail. A context manager: leaving it stops the server.
     """
@@ -36,7 +37,9 @@ class ServerProcess:
                 raise RuntimeError(f"`remp serve` {why}; the end of {self.log_path}:\n"
                                    f"{self.log_path.read_text()[-4000:]}")
             time.sleep(0.2)
-        self.addr = f"127.0.0.1:{json.loads(port_file.read_text())['port']}"
+        ports = json.loads(port_file.read_text())
+        self.addr = f"127.0.0.1:{ports['port']}"
+        self.http_url = f"http://127.0.0.1:{ports['http_port']}" if "http_port" in ports else None
 
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM (a graceful shutdown), SIGKILL after ``timeout`` seconds; the exit code."""

@@ -1,7 +1,8 @@
 """The server process on every torchrun rank (started by ``remp serve``).
 
-Rank 0 runs the engine loop, the gRPC front end and the metrics endpoint; the other ranks run
-``worker_loop``. SIGTERM/SIGINT on rank 0 starts a graceful shutdown: admission stops, running
+Rank 0 runs the engine loop, the gRPC front end, the OpenAI HTTP API (``--http-port``) and the
+metrics endpoint; the other ranks run ``worker_loop``. SIGTERM/SIGINT on rank 0 (or Admin
+Shutdown) starts a graceful shutdown: admission stops, running
 requests get ``shutdown_grace_s`` to finish, the rest end with finish_reason "aborted", then
 every rank is released and exits 0. Other ranks ignore SIGTERM (torchrun forwards it to all)
 and leave when rank 0 tells them to.
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 def serve_rank0(worker, cfg: ServerConfig, args) -> int:
     from . import metrics
     from .frontend import Frontend, start_grpc
+    from .service import Service
     from .switching import SwitchController
 
     stop = threading.Event()
@@ -77,19 +79,27 @@ def serve_rank0(worker, cfg: ServerConfig, args) -> int:
         from .policy_loop import PolicyLoop
 
         policy = PolicyLoop(engine, switches, cfg.policy, CostProfile.load(cfg.policy_profile), cfg.policy_enabled)
-    frontend = Frontend(engine, switches, cfg, tokenizer, args.allow_fault_injection, policy)
-    server, port, health = start_grpc(frontend, cfg)
+    service = Service(engine, switches, cfg, tokenizer, args.allow_fault_injection, policy, shutdown=stop.set)
+    server, port, health = start_grpc(Frontend(service), cfg)
+    ports = {"port": port}
+    http = None
+    if cfg.http_port is not None:
+        from .http_api import HttpServer
+
+        http = HttpServer(service, cfg)
+        ports["http_port"] = http.port
+        log.info("OpenAI HTTP API for model %r on %s:%d", cfg.model_name, cfg.host, http.port)
     metrics.bind_engine(engine)
     if cfg.metrics_port is not None:
         log.info("metrics on %s:%d", cfg.host, metrics.serve_metrics(cfg.metrics_port, cfg.host))
     log.info("serving %s at %s on %s:%d (%d ranks)", cfg.model.name, worker.topo, cfg.host, port, worker.world)
     if args.port_file:
-        Path(args.port_file).write_text(json.dumps({"port": port}))
+        Path(args.port_file).write_text(json.dumps(ports))
     stop.wait()
 
     load = engine.load()
     log.info("shutting down: admission closed, %d request(s) in flight", load.running + load.queued)
-    frontend.accepting = False
+    service.accepting = False
     if policy is not None:
         policy.stop()
     health.enter_graceful_shutdown()
@@ -99,6 +109,8 @@ def serve_rank0(worker, cfg: ServerConfig, args) -> int:
     engine.shutdown()  # whatever is left ends with finish_reason "aborted"
     loop.join()
     server.stop(grace=5).wait()  # streams deliver their last chunk
+    if http is not None:
+        http.stop()
     engine.stop_workers()
     dist.destroy_process_group()
     log.info("rank 0 exited cleanly")

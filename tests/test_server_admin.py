@@ -1,12 +1,14 @@
 """Server security, admission limits, chat through the CLI and graceful SIGTERM, on a 1-rank
 SmolLM2 server with an admin token configured."""
 import json
+import signal
 import subprocess
 import sys
 import threading
 import time
 
 import grpc
+import httpx2 as httpx
 import pytest
 
 from conftest import Server
@@ -21,7 +23,7 @@ def server(smol_mg, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("admin-server")
     (tmp / "token").write_text(TOKEN + "\n")
     s = Server(tmp, smol_mg, 1, 1, 1, "--admin-token-file", str(tmp / "token"), "--max-num-seqs", "1",
-               "--max-queue", "2", "--shutdown-grace", "1")
+               "--max-queue", "2", "--shutdown-grace", "3", "--http-port", "0")
     yield s
     s.stop()
 
@@ -67,6 +69,8 @@ def test_full_admission_queue_is_resource_exhausted(server):
         with pytest.raises(grpc.RpcError) as e:
             c.generate([5, 6], max_new_tokens=1)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        r = httpx.post(server.http_url + "/v1/completions", json={"prompt": [5, 6], "max_tokens": 1}, timeout=30)
+        assert r.status_code == 429 and "admission queue full" in r.json()["error"]["message"]
         assert all(c.cancel(f"long{i}") for i in range(3))
         assert c.generate([5, 6], max_new_tokens=1).finish_reason == "length"  # serving again
 
@@ -93,6 +97,17 @@ def test_sigterm_answers_every_request_and_exits_cleanly(server):
         while c.status().running_requests + c.status().queue_depth < 3:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        server.proc.send_signal(signal.SIGTERM)
+        # During the grace period: new work is refused with 503 (HTTP) / UNAVAILABLE (gRPC), health says so.
+        deadline = time.monotonic() + 30
+        while httpx.get(server.http_url + "/health", timeout=10).status_code != 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = httpx.post(server.http_url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=10)
+        assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate([5, 6], max_new_tokens=1)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         assert server.stop() == 0
         for t in threads:
             t.join(timeout=60)

@@ -207,6 +207,11 @@ class AdminStub:
                 request_serializer=remp_dot_v1_dot_remp__pb2.SetPolicyRequest.SerializeToString,
                 response_deserializer=remp_dot_v1_dot_remp__pb2.PolicyState.FromString,
                 _registered_method=True)
+        self.Shutdown = channel.unary_unary(
+                '/remp.v1.Admin/Shutdown',
+                request_serializer=remp_dot_v1_dot_remp__pb2.ShutdownRequest.SerializeToString,
+                response_deserializer=remp_dot_v1_dot_remp__pb2.ShutdownResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -233,6 +238,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Shutdown(self, request, context):
+        """Graceful shutdown: admission stops, running requests get --shutdown-grace to finish,
+        then every rank exits. Returns at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -250,6 +263,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.SetPolicy,
                     request_deserializer=remp_dot_v1_dot_remp__pb2.SetPolicyRequest.FromString,
                     response_serializer=remp_dot_v1_dot_remp__pb2.PolicyState.SerializeToString,
+            ),
+            'Shutdown': grpc.unary_unary_rpc_method_handler(
+                    servicer.Shutdown,
+                    request_deserializer=remp_dot_v1_dot_remp__pb2.ShutdownRequest.FromString,
+                    response_serializer=remp_dot_v1_dot_remp__pb2.ShutdownResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -333,6 +351,33 @@ class Admin:
             '/remp.v1.Admin/SetPolicy',
             remp_dot_v1_dot_remp__pb2.SetPolicyRequest.SerializeToString,
             remp_dot_v1_dot_remp__pb2.PolicyState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Shutdown(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/remp.v1.Admin/Shutdown',
+            remp_dot_v1_dot_remp__pb2.ShutdownRequest.SerializeToString,
+            remp_dot_v1_dot_remp__pb2.ShutdownResponse.FromString,
             options,
             channel_credentials,
             insecure,

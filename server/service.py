@@ -1,0 +1,192 @@
+"""What the front end does, whatever the transport: turn prompts into requests, admit them,
+authorize and start switches, report status. The gRPC servicer (frontend.py) and the HTTP app
+(http_api.py) are thin translations onto this; each maps an ``ApiError`` to its own status code.
+"""
+from __future__ import annotations
+
+import enum
+import hmac
+import itertools
+import logging
+import threading
+from typing import Callable, Mapping, Optional
+
+from pydantic import ValidationError
+
+from remp_megatron.engine import Engine, RequestHandle
+from remp_megatron.reconfigure import MODES, PHASES, Fault
+from remp_megatron.request import Request, SamplingParams, StepOutput
+from remp_megatron.scheduler import QueueFull, RequestTooLong
+from remp_megatron.topology import Topology, TopologyError
+
+from . import metrics
+from .api import pb
+from .config import ServerConfig
+from .switching import SwitchController, SwitchRequest
+
+log = logging.getLogger("remp.server")
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class ErrorKind(enum.Enum):
+    INVALID = "invalid_request_error"
+    NOT_FOUND = "not_found_error"
+    UNAUTHENTICATED = "authentication_error"
+    PERMISSION = "permission_error"
+    QUEUE_FULL = "rate_limit_error"
+    PRECONDITION = "conflict_error"  # e.g. a switch is already running
+    UNAVAILABLE = "service_unavailable"
+
+
+class ApiError(Exception):
+    """A request the server refuses; ``param`` names the offending field in the caller's terms."""
+
+    def __init__(self, kind: ErrorKind, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.kind, self.message, self.param = kind, message, param
+
+
+def invalid(message: str, param: Optional[str] = None) -> ApiError:
+    return ApiError(ErrorKind.INVALID, message, param)
+
+
+class Service:
+    def __init__(self, engine: Engine, switches: SwitchController, cfg: ServerConfig, tokenizer=None,
+                 allow_fault_injection: bool = False, policy=None,
+                 shutdown: Optional[Callable[[], None]] = None):
+        self.engine, self.switches, self.cfg, self.tok = engine, switches, cfg, tokenizer
+        self.token = cfg.admin_token()
+        self.allow_fault_injection = allow_fault_injection
+        self.policy = policy  # a PolicyLoop when the server has a cost profile
+        self.shutdown = shutdown  # starts the graceful shutdown (Admin Shutdown)
+        self.accepting = True
+        self._ids = itertools.count(1)
+        self._id_lock = threading.Lock()
+
+    # ---- prompts → requests -----------------------------------------------------------------
+    def _tokenizer(self, param: str):
+        if self.tok is None:
+            raise invalid(f"{param}: this model has no tokenizer; send token ids", param)
+        return self.tok
+
+    def encode_text(self, text: str, param: str) -> list[int]:
+        return self._tokenizer(param).encode(text, add_special_tokens=False)
+
+    def encode_chat(self, messages: list[dict], param: str) -> list[int]:
+        """The model's own chat template, ending with the assistant's turn."""
+        tok = self._tokenizer(param)
+        if not messages:
+            raise invalid(f"{param}: needs at least one message", param)
+        for i, m in enumerate(messages):
+            if m["role"] not in CHAT_ROLES:
+                raise invalid(f"{param}[{i}].role: {m['role']!r} is not one of {list(CHAT_ROLES)}", f"{param}[{i}].role")
+        out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        return list(out["input_ids"])
+
+    def new_id(self, prefix: str) -> str:
+        with self._id_lock:
+            return f"{prefix}-{next(self._ids)}"
+
+    def make_request(self, ids: list[int], params: dict, request_id: str,
+                     names: Mapping[str, str] = {}) -> Request:
+        """Validate ``params`` (SamplingParams fields) against the model and the server's limits.
+        ``names`` maps a field to what the caller calls it, for error messages."""
+        def name(field: str) -> str:
+            return names.get(field, field)
+
+        if len(ids) > self.cfg.max_prompt_tokens:
+            raise invalid(f"{name('prompt')}: {len(ids)} tokens exceeds the server limit of "
+                          f"{self.cfg.max_prompt_tokens}", name("prompt"))
+        n = params.get("max_new_tokens")
+        if n is not None and n > self.cfg.max_new_tokens:
+            raise invalid(f"{name('max_new_tokens')}: {n} exceeds the server limit of {self.cfg.max_new_tokens}",
+                          name("max_new_tokens"))
+        try:
+            return Request(request_id=request_id, prompt_token_ids=ids, params=SamplingParams(**params))
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = [str(x) for x in err["loc"] if x != "params"]
+            field = name("prompt" if loc[:1] == ["prompt_token_ids"] else loc[0]) if loc else "request"
+            msg = err["msg"].removeprefix("Value error, ")
+            raise invalid(f"{'.'.join([field, *loc[1:]])}: {msg}", field) from None
+
+    def default_max_new_tokens(self, prompt_len: int) -> int:
+        """As much as the model's context and the server's limit allow."""
+        return max(1, min(self.cfg.max_new_tokens, self.engine.spec.max_position_embeddings - prompt_len))
+
+    def submit(self, req: Request, sink: Optional[Callable[[StepOutput], None]] = None) -> RequestHandle:
+        if not self.accepting:
+            raise ApiError(ErrorKind.UNAVAILABLE, "server is shutting down")
+        try:
+            return self.engine.add_request(req, sink)
+        except QueueFull as e:
+            raise ApiError(ErrorKind.QUEUE_FULL, str(e)) from None
+        except (RequestTooLong, ValueError) as e:
+            raise invalid(str(e)) from None
+
+    def cancel(self, request_id: str) -> bool:
+        return self.engine.cancel(request_id)
+
+    def observe(self, handle: RequestHandle, finish_reason: str) -> None:
+        metrics.REQUESTS.labels(finish_reason).inc()
+        t = handle.token_times
+        metrics.TOKENS.inc(len(t))
+        if t:
+            metrics.TTFT.observe(t[0] - handle.arrival)
+        if len(t) > 1:
+            metrics.TPOT.observe((t[-1] - t[0]) / (len(t) - 1))
+
+    # ---- admin --------------------------------------------------------------------------------
+    def authorize(self, authorization: Optional[str]) -> None:
+        """``authorization`` is the request's "Authorization" header / metadata value."""
+        if self.token is None:
+            return
+        if not hmac.compare_digest(authorization or "", f"Bearer {self.token}"):
+            raise ApiError(ErrorKind.UNAUTHENTICATED, "admin calls need 'Authorization: Bearer <token>'")
+
+    def reconfigure(self, tp: int, pp: int, mode: str, inject_fault: str = ""):
+        """Start a switch; the queue yields pb.ReconfigureEvents, then None."""
+        target = Topology(tp, pp)
+        try:
+            target.validate(self.engine.spec, self.engine.worker.world)
+        except TopologyError as e:
+            raise invalid(str(e), "tp") from None
+        mode = mode or "migrate"
+        if mode not in MODES:
+            raise invalid(f"mode: {mode!r} is not one of {list(MODES)}", "mode")
+        fault = self._fault(inject_fault) if inject_fault else None
+        events = self.switches.start(SwitchRequest(target, mode, fault))
+        if events is None:
+            raise ApiError(ErrorKind.PRECONDITION, "a reconfiguration is already running")
+        return events
+
+    def _fault(self, spec: str) -> Fault:
+        phase, _, rank = spec.partition(":")
+        if not self.allow_fault_injection:
+            raise ApiError(ErrorKind.PERMISSION, "fault injection is off (--allow-fault-injection)")
+        if phase not in PHASES or (rank and not rank.isdigit()):
+            raise invalid(f"inject_fault: expected PHASE[:RANK], PHASE in {PHASES}", "inject_fault")
+        return Fault(phase, int(rank or 0))
+
+    def set_policy(self, enabled: bool) -> pb.PolicyState:
+        if self.policy is None:
+            raise ApiError(ErrorKind.PRECONDITION, "no policy cost profile (serve --policy-profile FILE)")
+        self.policy.enabled = enabled
+        return self.policy.state()
+
+    def status(self) -> pb.StatusResponse:
+        load, topo, world = self.engine.load(), self.engine.topo, self.engine.worker.world
+        return pb.StatusResponse(
+            topology=str(topo), tp=topo.tp, pp=topo.pp, world_size=world,
+            active_ranks=list(range(topo.size)), standby_ranks=list(range(topo.size, world)),
+            queue_depth=load.queued, running_requests=load.running, kv_blocks_used=load.kv_blocks_used,
+            kv_blocks_free=load.kv_blocks_free, kv_block_size=self.engine.cfg.block_size,
+            switch_history=list(self.switches.history), reconfiguring=self.switches.busy,
+            policy=self.policy.state() if self.policy is not None else None)
+
+    def request_shutdown(self) -> None:
+        if self.shutdown is None:
+            raise ApiError(ErrorKind.UNAVAILABLE, "this server cannot be shut down remotely")
+        log.info("shutdown requested over the Admin API")
+        self.shutdown()
