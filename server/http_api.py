@@ -66,11 +66,16 @@ class _Run:
         """All or nothing: if one is refused (queue full...), those already admitted are cancelled."""
         try:
             for i, req in enumerate(requests):
-                sink = (lambda out, i=i: self.loop.call_soon_threadsafe(self.outputs.put_nowait, (i, out)))
-                self.handles.append(self.service.submit(req, sink))
+                self.handles.append(self.service.submit(req, lambda out, i=i: self._deliver(i, out)))
         except ApiError:
             self.cancel()
             raise
+
+    def _deliver(self, i: int, out: StepOutput) -> None:  # on the engine thread
+        try:
+            self.loop.call_soon_threadsafe(self.outputs.put_nowait, (i, out))
+        except RuntimeError:  # the event loop is closed (server stopping): nobody is reading
+            pass
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, StepOutput]]:
         pending = len(self.handles)

@@ -154,6 +154,7 @@ class Pipeline:
     def __init__(self, model: Path, tp: int, pp: int, nproc: int, **engine):
         from remp_megatron.config import EngineConfig
         from remp_megatron.engine import Engine
+        from remp_megatron.quiet import quiet_third_party
         from remp_megatron.runtime import free_port, init_distributed
         from remp_megatron.spec import ModelSpec
         from remp_megatron.topology import Topology
@@ -162,6 +163,7 @@ class Pipeline:
         from .config import ServerConfig
         from .service import Service
 
+        quiet_third_party()
         cfg = ServerConfig(model=model, tp=tp, pp=pp, engine=EngineConfig(**engine))
         spec = ModelSpec.from_file(model / "config.json")
         Topology(tp, pp).validate(spec, nproc)  # before any process starts
