@@ -28,7 +28,7 @@ def server(smol_mg, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("http-server")
     (tmp / "token").write_text(TOKEN)
     s = Server(tmp, smol_mg, 2, 1, 2, "--http-port", "0", "--served-model-name", MODEL, "--admin-token-file",
-               str(tmp / "token"), "--max-new-tokens", "256", "--max-prompt-tokens", "200")
+               str(tmp / "token"), "--max-new-tokens", "1000", "--max-prompt-tokens", "200")
     yield s
     assert s.stop() == 0
 
@@ -133,7 +133,7 @@ def test_concurrent_streams_survive_live_switches_made_over_http(server, oai, te
 BAD = [  # (path, body, status, param, words in the message)
     ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n", "not supported"),
     ("/v1/completions", {"prompt": "hi", "temperature": 3}, 400, "temperature", "less than or equal to 2"),
-    ("/v1/completions", {"prompt": "hi", "max_tokens": 5000}, 400, "max_tokens", "exceeds the server limit of 256"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 5000}, 400, "max_tokens", "exceeds the server limit of 1000"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
     ("/v1/completions", {"prompt": "hi", "temprature": 0}, 400, "temprature", "Extra inputs"),
     ("/v1/completions", {"prompt": 42}, 400, "prompt", "a string, a list of token ids"),
@@ -177,17 +177,22 @@ def test_malformed_json_unknown_route_and_admin_without_token(server, oai):
 
 
 def test_client_that_goes_away_cancels_and_frees_kv_blocks(server, oai):
-    stream = oai.completions.create(model=MODEL, prompt="Tell me a story", max_tokens=250, stream=True,
+    """1000 tokens take well over 10 s here; a cancelled request is gone at the next step boundary."""
+    def idle():
+        st = admin_status(server)
+        return (st["running_requests"], st["kv_blocks_used"]) == (0, 0)
+
+    stream = oai.completions.create(model=MODEL, prompt="Tell me a story", max_tokens=1000, stream=True,
                                     extra_body={"ignore_eos": True})
     next(iter(stream))
     assert admin_status(server)["running_requests"] == 1 and admin_status(server)["kv_blocks_used"] > 0
     stream.close()
-    wait_for(lambda: (admin_status(server)["running_requests"], admin_status(server)["kv_blocks_used"]) == (0, 0))
+    wait_for(idle, timeout=5)
     # Not streamed: the client times out and closes the connection while the server generates.
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.http_url + "/v1/completions", timeout=httpx.Timeout(30, read=1.5),
-                   json={"prompt": "Tell me a story", "max_tokens": 250, "ignore_eos": True})
-    wait_for(lambda: (admin_status(server)["running_requests"], admin_status(server)["kv_blocks_used"]) == (0, 0))
+                   json={"prompt": "Tell me a story", "max_tokens": 1000, "ignore_eos": True})
+    wait_for(idle, timeout=5)
 
 
 def wait_for(cond, timeout=30.0):
