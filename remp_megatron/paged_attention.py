@@ -2,8 +2,9 @@
 
 Megatron's ``SelfAttention`` keeps doing what it does well (fused QKV projection, GQA split,
 RoPE from per-token frequencies, TP row/column linears); this module replaces only the
-attention kernel: it writes this step's K/V into the paged cache and attends each sequence
-over its cached tokens. Flash-attn's block-table kernels are CUDA-only; this is plain torch.
+attention kernel: it writes this step's K/V into the paged cache and attends all sequences
+over their cached tokens in one batched SDPA call per group (decodes, prefill chunks), keys
+gathered by block table. Flash-attn's block-table kernels are CUDA-only; this is plain torch.
 
 The step's metadata reaches every layer through ``forward_context`` (set by the model runner
 around one stage forward), the way vLLM passes its attention metadata.
@@ -22,31 +23,59 @@ from .kv_cache import KVCache
 
 
 @dataclass
+class AttentionGroup:
+    """Sequences attended in one batched SDPA call: queries and cached keys padded to the
+    group's longest ([B, Qmax] / [B, Lmax]), a causal mask that also hides the padding."""
+
+    q_index: torch.Tensor  # [B, Qmax] packed row of each query (row 0 where padding)
+    q_valid: torch.Tensor  # [B, Qmax] which of them are real
+    kv_slots: torch.Tensor  # [B, Lmax] cache slot of each key (the sequence's first slot where padding)
+    mask: torch.Tensor  # [B, 1, Qmax, Lmax] True where a query may attend
+    rows: torch.Tensor  # [real queries] their packed rows, in the order q_valid selects them
+
+
+@dataclass
 class AttentionMetadata:
-    """What one step's attention needs; built identically on every rank from the step plan."""
+    """What one step's attention needs; built identically on every rank from the step plan,
+    once per step (all layers share it). Decodes (one query each) and prefill chunks form two
+    groups, so a long prefill chunk does not pad every decode to its length."""
 
     positions: torch.Tensor  # [T] position of each new token
     slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
-    query_lens: list[int]  # new tokens per sequence, in order
-    seq_slots: list[torch.Tensor]  # per sequence: cache slots of all its tokens up to this step
-    masks: list[torch.Tensor]  # per sequence: [new tokens, cached tokens] causal mask (shared by all layers)
+    groups: list[AttentionGroup]
 
     @classmethod
-    def build(
-        cls, starts: list[int], query_lens: list[int], block_tables: list[list[int]], block_size: int, device
-    ) -> "AttentionMetadata":
-        positions, slots, seq_slots, masks = [], [], [], []
-        for start, n, table in zip(starts, query_lens, block_tables):
-            pos = torch.arange(start + n)
-            blocks = torch.tensor(table, dtype=torch.long)[pos // block_size]
-            s = blocks * block_size + pos % block_size
-            positions.append(pos[start:])
-            slots.append(s[start:])
-            seq_slots.append(s.to(device))
-            masks.append((pos[None, :] <= pos[start:, None]).to(device))
-        return cls(
-            torch.cat(positions).to(device), torch.cat(slots).to(device), list(query_lens), seq_slots, masks
-        )
+    def build(cls, starts: list[int], query_lens: list[int], block_tables: list[list[int]], block_size: int,
+              device) -> "AttentionMetadata":
+        start, n = torch.tensor(starts), torch.tensor(query_lens)
+        offset = torch.cumsum(n, 0) - n
+        width = max(map(len, block_tables))
+        table = torch.tensor([t + [t[0]] * (width - len(t)) for t in block_tables], dtype=torch.long)
+
+        def slots(rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # cache slot of each position
+            return table[rows[:, None], pos // block_size] * block_size + pos % block_size
+
+        everyone = torch.arange(len(starts))
+        qpos = start[:, None] + torch.arange(int(n.max()))[None, :]
+        valid = torch.arange(int(n.max()))[None, :] < n[:, None]
+        positions, slot_mapping = qpos[valid], slots(everyone, torch.where(valid, qpos, 0))[valid]
+        groups = []
+        for rows in (everyone[n == 1], everyone[n > 1]):
+            if len(rows) == 0:
+                continue
+            qmax, lmax = int(n[rows].max()), int((start + n)[rows].max())
+            q = torch.arange(qmax)[None, :]
+            q_valid = q < n[rows, None]
+            k = torch.arange(lmax)[None, :].expand(len(rows), lmax)
+            k_valid = k < (start + n)[rows, None]
+            kv_slots = torch.where(k_valid, slots(rows, torch.where(k_valid, k, 0)), slots(rows, k[:, :1]))
+            # Causal: key position <= query position. Padded query rows (past the sequence end)
+            # then see only real keys, so no row is fully masked (no NaN), and they are dropped.
+            mask = k[:, None, :] <= (start[rows, None] + q)[:, :, None]
+            q_index = torch.where(q_valid, offset[rows, None] + q, 0)
+            groups.append(AttentionGroup(q_index.to(device), q_valid.to(device), kv_slots.to(device),
+                                         mask[:, None].to(device), q_index[q_valid].to(device)))
+        return cls(positions.to(device), slot_mapping.to(device), groups)
 
 
 @dataclass
@@ -86,15 +115,14 @@ class PagedAttention(torch.nn.Module):
         k_cache.index_copy_(0, meta.slot_mapping, key[:, 0])
         v_cache.index_copy_(0, meta.slot_mapping, value[:, 0])
 
-        out = torch.empty_like(query[:, 0])
-        start = 0
-        for n, slots, mask in zip(meta.query_lens, meta.seq_slots, meta.masks):
-            q = query[start : start + n, 0].transpose(0, 1)  # [heads, n, dim]
-            k = k_cache[slots].transpose(0, 1)  # [kv_heads, ctx, dim]
-            v = v_cache[slots].transpose(0, 1)
+        q_packed = query[:, 0]
+        out = torch.empty_like(q_packed)
+        for g in meta.groups:  # one SDPA per group for all its sequences
             o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=self.softmax_scale, enable_gqa=True
+                q_packed[g.q_index].transpose(1, 2),  # [B, heads, Qmax, dim]
+                k_cache[g.kv_slots].transpose(1, 2),  # [B, kv_heads, Lmax, dim]
+                v_cache[g.kv_slots].transpose(1, 2),
+                attn_mask=g.mask, scale=self.softmax_scale, enable_gqa=True,
             )
-            out[start : start + n] = o.transpose(0, 1)
-            start += n
+            out[g.rows] = o.transpose(1, 2)[g.q_valid]
         return out.reshape(out.shape[0], 1, -1)
