@@ -47,7 +47,10 @@ def worker(args) -> None:
 
     rt = init_distributed()
     spec = ModelSpec.from_file(Path(args.model) / "config.json")
-    cfg = EngineConfig(kv_budget_mb=args.kv_budget_mb, max_num_seqs=max(args.batch_sizes),
+    # KV for the largest batch at full length (HF's cache holds it too): no run is limited by preemption.
+    block = EngineConfig().block_size
+    num_blocks = max(args.batch_sizes) * -(-(args.prompt_len + args.new_tokens) // block)
+    cfg = EngineConfig(num_blocks=num_blocks, max_num_seqs=max(args.batch_sizes),
                        max_tokens_per_step=max(args.batch_sizes) * args.prompt_len)
     results = []
     bar = tqdm(total=len(args.topologies) * len(args.batch_sizes) * (args.runs + 1), desc="engine runs",
@@ -115,7 +118,6 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--kv-budget-mb", type=float, default=64)
     p.add_argument("--hf-threads", type=int, default=2)
     p.add_argument("--profile-out", help="write the adaptive policy's cost profile (JSON) here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
