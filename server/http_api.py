@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import AsyncIterator, Optional, Union
+from typing import AsyncIterator, Optional
 
 import uvicorn
 from fastapi import FastAPI, Request

@@ -76,7 +76,7 @@ class _Sampling(_Body):
 
 
 # Engine field -> OpenAI parameter, for error messages.
-PARAM_NAMES = {"max_new_tokens": "max_tokens", "prompt": "prompt"}
+PARAM_NAMES = {"max_new_tokens": "max_tokens"}
 
 
 class CompletionRequest(_Sampling):

@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 import tempfile
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
