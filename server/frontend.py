@@ -123,7 +123,6 @@ class Frontend(pb_grpc.InferenceServicer, pb_grpc.AdminServicer):
             ids = list(request.token_ids.ids)
         p = request.params
         params = {f: getattr(p, f) for f in _PARAM_FIELDS if p.HasField(f)}
-        params.setdefault("max_new_tokens", min(64, svc.cfg.max_new_tokens))
         params.update(stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos)
         return svc.make_request(ids, params, request.request_id or svc.new_id("req"), _PARAM_NAMES)
 

@@ -96,8 +96,13 @@ async def _until_disconnect(request: Request) -> None:
         pass
 
 
+class _ClientGone(Exception):
+    pass
+
+
 async def _unless_disconnected(request: Request, run: _Run, work):
-    """Await ``work``; if the client goes away first, cancel the run (its KV blocks are freed)."""
+    """Await ``work``; if the client goes away first, cancel the run (its KV blocks are freed) and
+    raise _ClientGone (answered 499, which nobody reads)."""
     task, gone = asyncio.ensure_future(work), asyncio.ensure_future(_until_disconnect(request))
     try:
         await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
@@ -107,7 +112,7 @@ async def _unless_disconnected(request: Request, run: _Run, work):
         task.cancel()
         run.cancel()
         log.info("client went away: cancelled %s", [h.request_id for h in run.handles])
-        return None
+        raise _ClientGone
     return task.result()
 
 
@@ -128,6 +133,10 @@ def build_app(service: Service, model_name: str) -> FastAPI:
         param = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"][1:]).lstrip(".") or "body"
         msg = str(err["msg"]).removeprefix("Value error, ")
         return error_response(400, f"{param}: {msg}", ErrorKind.INVALID.value, param)
+
+    @app.exception_handler(_ClientGone)
+    async def _gone(_, e: _ClientGone):
+        return error_response(499, "client closed the request", "cancelled")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_, e: StarletteHTTPException):
@@ -172,10 +181,7 @@ def build_app(service: Service, model_name: str) -> FastAPI:
             return _event_stream(run, head, body.include_usage,
                                  lambda i, out: {"index": i, "text": out.text, "logprobs": None,
                                                  "finish_reason": _reason(out)})
-        done = await _unless_disconnected(request, run, _collect(run))
-        if done is None:
-            return error_response(499, "client closed the request", "cancelled")
-        texts, reasons, usage = done
+        texts, reasons, usage = await _unless_disconnected(request, run, _collect(run))
         return {**head, "choices": [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i]}
                                     for i in range(len(reqs))], "usage": usage}
 
@@ -198,10 +204,7 @@ def build_app(service: Service, model_name: str) -> FastAPI:
             first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None}
             return _event_stream(run, {**head, "object": "chat.completion.chunk"}, body.include_usage, choice, first)
-        done = await _unless_disconnected(request, run, _collect(run))
-        if done is None:
-            return error_response(499, "client closed the request", "cancelled")
-        texts, reasons, usage = done
+        texts, reasons, usage = await _unless_disconnected(request, run, _collect(run))
         return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": texts[0]},
                                      "logprobs": None, "finish_reason": reasons[0]}], "usage": usage}
 
@@ -281,7 +284,7 @@ class HttpServer:
     """uvicorn in a background thread on a socket bound up front (port 0 picks a free one)."""
 
     def __init__(self, service: Service, cfg: ServerConfig):
-        self.sock = socket.create_server((cfg.host, cfg.http_port), family=_family(cfg.host), reuse_port=False)
+        self.sock = socket.create_server((cfg.host, cfg.http_port), family=_family(cfg.host))
         self.port = self.sock.getsockname()[1]
         tls = dict(ssl_certfile=str(cfg.tls_cert), ssl_keyfile=str(cfg.tls_key)) if cfg.tls_cert and cfg.tls_key else {}
         config = uvicorn.Config(build_app(service, cfg.model_name), log_level="warning", access_log=False,

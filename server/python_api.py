@@ -183,7 +183,6 @@ class Pipeline:
 
     def __call__(self, prompts: Prompts, **params) -> list[Response]:
         svc = self.service
-        params.setdefault("max_new_tokens", min(64, svc.cfg.max_new_tokens))
         handles = []
         for prompt in _as_batch(prompts):
             if isinstance(prompt, str):

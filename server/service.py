@@ -27,6 +27,8 @@ from .switching import SwitchController, SwitchRequest
 log = logging.getLogger("remp.server")
 
 CHAT_ROLES = ("system", "user", "assistant")
+# A request that does not say how many tokens it wants gets this many (bounded by --max-new-tokens).
+DEFAULT_MAX_NEW_TOKENS = 64
 
 
 class ErrorKind(enum.Enum):
@@ -94,6 +96,8 @@ class Service:
         ``names`` maps a field to what the caller calls it, for error messages."""
         def name(field: str) -> str:
             return names.get(field, field)
+
+        params = {"max_new_tokens": min(DEFAULT_MAX_NEW_TOKENS, self.cfg.max_new_tokens), **params}
 
         if len(ids) > self.cfg.max_prompt_tokens:
             raise invalid(f"{name('prompt')}: {len(ids)} tokens exceeds the server limit of "

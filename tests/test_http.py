@@ -213,12 +213,18 @@ def test_prometheus_metrics_over_http(server):
     assert values['remp_switches_total{outcome="committed"}'] >= 2
 
 
-def test_mii_style_client_against_the_live_server(server, text_refs):
+def test_mii_style_client_against_the_live_server(server, oai, text_refs):
     import remp_megatron
 
     with remp_megatron.client(server.addr, token=TOKEN) as c:
         out = c.generate(TEXTS[:2], max_new_tokens=MAX_NEW)
         assert [(r.text, r.finish_reason) for r in out] == [(t, f) for t, f, _ in text_refs[:2]]
+        # Sampling parameters reach the engine the same way over HTTP: seeded sampling, same text as gRPC.
+        sampled = dict(temperature=0.9, top_p=0.95, top_k=40, seed=7)
+        grpc_text = c.generate(TEXTS[4], max_new_tokens=MAX_NEW, **sampled)[0].text
+        http = oai.completions.create(model=MODEL, prompt=TEXTS[4], max_tokens=MAX_NEW, temperature=0.9, top_p=0.95,
+                                      seed=7, extra_body={"top_k": 40})
+        assert http.choices[0].text == grpc_text != text_refs[4][0]  # and not the greedy text
         assert "".join(r.text for r in c.stream(TEXTS[0], max_new_tokens=MAX_NEW)) == text_refs[0][0]
         assert c.reconfigure(1, 1).committed and c.status().topology == "TP1·PP1"  # the module's last switch
 
