@@ -57,15 +57,36 @@ def test_cli_chat_generate_and_status_with_token(server, tmp_path):
     assert refused.returncode == 2 and "UNAUTHENTICATED" in refused.stderr
 
 
+def wait_until(cond, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def fill(c: RempClient, prefix: str, prompt: list[int], max_new: int) -> list:
+    """Three long streams: one running (max_num_seqs 1), two waiting (max_queue 2). The first must be
+    running before the others arrive, else all three would wait at once and the third be refused.
+    Returns the list each stream appends its last finish_reason to."""
+    finished: list = []
+
+    def run(i):
+        last = None
+        for chunk in c.stream(prompt, request_id=f"{prefix}{i}", max_new_tokens=max_new, ignore_eos=True):
+            last = chunk
+        finished.append(last.finish_reason)
+
+    for i in range(3):
+        threading.Thread(target=run, args=(i,), daemon=True).start()
+        if i == 0:
+            wait_until(lambda: c.status().running_requests == 1)
+    wait_until(lambda: (c.status().running_requests, c.status().queue_depth) == (1, 2))
+    return finished
+
+
 def test_full_admission_queue_is_resource_exhausted(server):
     with RempClient(server.addr, token=TOKEN) as c:
-        calls = [c.stream([1, 2, 3, 4], request_id=f"long{i}", max_new_tokens=1000, ignore_eos=True) for i in range(3)]
-        for call in calls:  # one runs (max_num_seqs 1), two wait (max_queue 2)
-            threading.Thread(target=lambda it=call: [None for _ in it], daemon=True).start()
-        deadline = time.monotonic() + 60
-        while (c.status().running_requests, c.status().queue_depth) != (1, 2):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        fill(c, "long", [1, 2, 3, 4], 1000)
         with pytest.raises(grpc.RpcError) as e:
             c.generate([5, 6], max_new_tokens=1)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -82,35 +103,18 @@ def test_beyond_loopback_without_token_does_not_start(smol_mg, monkeypatch):
 
 
 def test_sigterm_answers_every_request_and_exits_cleanly(server):
-    results = []
     with RempClient(server.addr, token=TOKEN) as c:
-        def run(i):
-            last = None
-            for chunk in c.stream([7, 8, 9], request_id=f"t{i}", max_new_tokens=800, ignore_eos=True):
-                last = chunk
-            results.append(last.finish_reason)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 60
-        while c.status().running_requests + c.status().queue_depth < 3:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        results = fill(c, "t", [7, 8, 9], 800)
         server.proc.send_signal(signal.SIGTERM)
         # During the grace period: new work is refused with 503 (HTTP) / UNAVAILABLE (gRPC), health says so.
-        deadline = time.monotonic() + 30
-        while httpx.get(server.http_url + "/health", timeout=10).status_code != 503:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: httpx.get(server.http_url + "/health", timeout=10).status_code == 503, 30)
         r = httpx.post(server.http_url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=10)
         assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
         with pytest.raises(grpc.RpcError) as e:
             c.generate([5, 6], max_new_tokens=1)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         assert server.stop() == 0
-        for t in threads:
-            t.join(timeout=60)
+        wait_until(lambda: len(results) == 3)
     assert sorted(results) == ["aborted"] * 3  # every stream got a final chunk with a status
     log = server.log_path.read_text()
     assert "rank 0 exited cleanly" in log
