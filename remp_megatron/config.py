@@ -19,8 +19,18 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(32, ge=1, description="most requests running at once")
     max_tokens_per_step: int = Field(256, ge=1, description="most tokens (prefill and decode) in one step")
     max_queue: int = Field(256, ge=1, description="most requests waiting; more are refused (RESOURCE_EXHAUSTED)")
-    prestage_budget_mb: float = Field(0.0, ge=0, description="MiB for pre-staging new weight shards (0: off)")
+    prestage_budget_mb: Optional[float] = Field(
+        None, ge=0, description="MiB a rank may hold for a pre-staged new weight shard; a larger shard moves in the "
+        "pause instead (0: pre-staging off; default: any shard, up to the whole model)")
     prestage_rounds_per_step: int = Field(1, ge=1, description="pre-staging bucket rounds per step boundary")
+
+    @property
+    def prestaging(self) -> bool:
+        return self.prestage_budget_mb != 0
+
+    @property
+    def prestage_budget_bytes(self) -> Optional[int]:
+        return None if self.prestage_budget_mb is None else int(self.prestage_budget_mb * 2**20)
 
     def blocks_for(self, spec: ModelSpec, topo: Topology) -> int:
         if self.num_blocks is not None:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 from .config import EngineConfig
 from .model_runner import ModelRunner
 from .output import OutputProcessor
-from .reconfigure import MODES, Fault, PrestageOrder, ReconfigureOrder, Timeline
+from .reconfigure import MODES, Fault, PrestageOrder, ReconfigureOrder, RolledBack, Timeline
 from .request import FinishReason, Request, Sequence, SequenceState, StepOutput
 from .sampler import sample_one
 from .scheduler import Scheduled, Scheduler, SchedulerConfig, StepPlan
@@ -45,12 +45,14 @@ class RequestHandle:
         self.prompt_tokens = prompt_tokens
         self.arrival = time.monotonic()
         self.token_times: list[float] = []
+        self.finished = False
         self._q: queue.Queue[StepOutput] = queue.Queue()
         self._sink = sink or self._q.put
 
     def put(self, out: StepOutput) -> None:
         if out.token_ids:
             self.token_times.append(time.monotonic())
+        self.finished = out.finished
         self._sink(out)
 
     def __iter__(self) -> Iterator[StepOutput]:
@@ -79,6 +81,23 @@ class EngineState:
     free_blocks: int
     block_size: int
     sequences: list[SequenceState] = field(default_factory=list)
+
+
+@dataclass
+class Staging:
+    """A pre-staging job. Its first part (validate, build, plan, KV allocation) runs at the next
+    step boundary, then one chunk of copies per boundary while serving goes on. ``done`` is set
+    when the weights are staged, when staging failed (``failure``: nothing changed), was
+    refused (``timeline.staging_refused``: over the budget), or was abandoned (a switch to
+    another target came first)."""
+
+    order: PrestageOrder
+    timeline: Optional[Timeline] = None
+    failure: Optional[RolledBack] = None
+    chunks: int = 0
+    chunks_done: int = 0
+    staged: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass(frozen=True)
@@ -123,6 +142,7 @@ class Engine:
         self._parked = threading.Event()
         self._resume = threading.Event()
         self._stopping = False
+        self._staging: Optional[Staging] = None
 
     # ---- requests ---------------------------------------------------------------------
     def add_request(self, req: Request, sink: Optional[Callable[[StepOutput], None]] = None) -> RequestHandle:
@@ -166,11 +186,10 @@ class Engine:
 
     # ---- stepping ---------------------------------------------------------------------
     def step(self) -> int:
-        """Run one step on every rank; returns the number of sequences it advanced. Pending
-        pre-staging transfers advance by one chunk at each step boundary."""
-        staged = self.worker.staged
-        if staged is not None and not staged.complete:
-            self.worker.execute(PrestageRounds(self.cfg.prestage_rounds_per_step))
+        """Run one step on every rank; returns the number of sequences it advanced. Pre-staging
+        advances by one part at each step boundary."""
+        if self._staging is not None:
+            self._advance_staging()
         with self._lock:
             scheduled = self.sched.schedule()
             if not scheduled:
@@ -204,21 +223,46 @@ class Engine:
         st = self.worker.staged
         return st.target if st is not None and st.complete else None
 
-    def prestage(self, target: Topology, bucket_mb: float = 16) -> Timeline:
-        """Start moving ``target``'s weight shards while the current topology keeps serving
-        (call between steps). The transfers then advance one bucket round per step boundary
-        (``run_until_prestaged`` finishes them when idle); a later ``reconfigure(target)`` only
-        moves KV, switches groups and commits. Needs ``prestage_budget_mb`` > 0."""
-        if self.cfg.prestage_budget_mb <= 0:
-            raise ValueError("pre-staging is off (set EngineConfig.prestage_budget_mb)")
+    def prestage(self, target: Topology, fault: Optional[Fault] = None, bucket_mb: float = 16) -> Staging:
+        """Start staging ``target``'s weight shards and KV cache while the current topology
+        keeps serving (thread-safe): the work runs at the next step boundaries (the serving loop
+        does not idle meanwhile; ``run_until_prestaged`` drives it in synchronous use). A later
+        ``reconfigure(target)`` then only moves KV, switches groups and commits."""
+        if not self.cfg.prestaging:
+            raise ValueError("pre-staging is off (EngineConfig.prestage_budget_mb is 0)")
         target.validate(self.spec, self.worker.world)
-        order = PrestageOrder(target, int(bucket_mb * 2**20), int(self.cfg.prestage_budget_mb * 2**20))
-        with self._lock:
-            return self.worker.execute(Prestage(order))
+        job = Staging(PrestageOrder(target, self.cfg.blocks_for(self.spec, target), self.cfg.block_size,
+                                    int(bucket_mb * 2**20), self.cfg.prestage_budget_bytes, fault=fault))
+        self._abandon_staging()
+        self._staging = job
+        self._wake.set()
+        return job
 
     def run_until_prestaged(self) -> None:
-        while self.worker.staged is not None and not self.worker.staged.complete:
+        while self._staging is not None:
             self.step()
+
+    def _advance_staging(self) -> None:
+        """At a step boundary: the job's first part, or its next chunk of copies."""
+        job = self._staging
+        if job.timeline is None:
+            try:
+                job.timeline = self.worker.execute(Prestage(job.order))
+            except RolledBack as e:
+                job.failure, job.timeline = e, e.timeline
+            if job.failure is None and not job.timeline.staging_refused:
+                job.chunks = self.worker.staged.chunks
+        else:
+            job.staged = self.worker.execute(PrestageRounds(self.cfg.prestage_rounds_per_step))
+            job.chunks_done = self.worker.staged.chunks_done
+        if job.staged or job.failure is not None or job.timeline.staging_refused:
+            self._staging = None
+            job.done.set()
+
+    def _abandon_staging(self) -> None:
+        job, self._staging = self._staging, None
+        if job is not None:
+            job.done.set()
 
     def reconfigure(self, target: Topology, mode: str = "migrate", fault: Optional[Fault] = None,
                     bucket_mb: float = 16, phase_timeout_s: float = 120.0, progress=None,
@@ -230,6 +274,7 @@ class Engine:
         target.validate(self.spec, self.worker.world)
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        self._abandon_staging()  # unfinished staging (of any target) is dropped by the switch
         try:
             if mode == "drain":  # in-flight requests finish at the old topology; queued ones wait
                 self.sched.admit = False
@@ -265,9 +310,18 @@ class Engine:
                 self._resume.clear()
                 self._parked.clear()
                 continue
-            if not self.step():
+            if not self.step() and self._staging is None:
                 self._wake.wait(0.05)
                 self._wake.clear()
+
+    def set_admission(self, admit: bool) -> None:
+        """Close (or reopen) admission: queued requests wait, running ones go on (drain)."""
+        with self._lock:
+            self.sched.admit = admit
+
+    def running_handles(self) -> list[RequestHandle]:
+        with self._lock:
+            return [self._handles[s.request_id] for s in self.sched.running]
 
     def pause(self, timeout: float | None = None) -> EngineState:
         """Stop the loop at the next step boundary and report the state there."""

@@ -86,6 +86,22 @@ class Transfer:
     box: Box
     nbytes: int
 
+    def split(self, max_bytes: int) -> list["Transfer"]:
+        """This transfer as pieces of at most ``max_bytes`` (at least one element each)."""
+        elem = self.nbytes // self.box.numel
+        return [Transfer(self.key, self.src, self.src_index, self.dst, self.dst_index, piece, piece.numel * elem)
+                for piece in self.box.split(max(1, max_bytes // elem))]
+
+
+def pack(parts: list[Transfer], bucket_bytes: int) -> list[list[Transfer]]:
+    """Consecutive parts (each at most ``bucket_bytes``) into buckets of at most ``bucket_bytes``."""
+    buckets: list[list[Transfer]] = []
+    for t in parts:
+        if not buckets or sum(x.nbytes for x in buckets[-1]) + t.nbytes > bucket_bytes:
+            buckets.append([])
+        buckets[-1].append(t)
+    return buckets
+
 
 @dataclass
 class Plan:
@@ -105,17 +121,11 @@ class Plan:
     def rounds(self, world: int, bucket_bytes: int) -> Iterator[dict[tuple[int, int], list[Transfer]]]:
         """Remote transfers in rounds {(src, dst): bucket}: in each round every rank sends at
         most one bucket (to ``rank + k``) and receives at most one (from ``rank - k``)."""
-        pairs: dict[tuple[int, int], list[list[Transfer]]] = defaultdict(list)
+        parts: dict[tuple[int, int], list[Transfer]] = defaultdict(list)
         for t in self.transfers:
-            if t.src == t.dst:
-                continue
-            buckets = pairs[(t.src, t.dst)]
-            elem = t.nbytes // t.box.numel
-            for piece in t.box.split(max(1, bucket_bytes // elem)):
-                part = Transfer(t.key, t.src, t.src_index, t.dst, t.dst_index, piece, piece.numel * elem)
-                if not buckets or sum(x.nbytes for x in buckets[-1]) + part.nbytes > bucket_bytes:
-                    buckets.append([])
-                buckets[-1].append(part)
+            if t.src != t.dst:
+                parts[(t.src, t.dst)] += t.split(bucket_bytes)
+        pairs = {pair: pack(ps, bucket_bytes) for pair, ps in parts.items()}
         for k in range(1, world):
             depth = max((len(pairs.get((r, (r + k) % world), [])) for r in range(world)), default=0)
             for j in range(depth):

@@ -9,9 +9,10 @@ rank that fails locally never leaves a peer waiting in a receive. The old model,
 and process groups are only read before the commit, so rollback is dropping the new state
 and re-activating the old snapshot.
 
-Pre-staging runs the first three phases while the old topology keeps serving, copies the
-local weight pieces, and leaves the remote bucket rounds to be run one step boundary at a
-time; a later switch to the same target then skips building and moving the weights.
+Pre-staging runs the first three phases (and allocates the target's KV cache) while the old
+topology keeps serving, then fills the new shards one bucket per step boundary (local copies
+and peer-to-peer rounds); a later switch to the same target then skips building and moving
+the weights: its pause covers the KV migration, the group switch and the commit.
 """
 from __future__ import annotations
 
@@ -24,13 +25,13 @@ from typing import TYPE_CHECKING, Callable, Optional, Union
 import torch
 import torch.distributed as dist
 
-from . import groups
+from . import groups, memory
 from .kv_cache import KVCache
-from .layout import Plan, Shard, plan_transfers
+from .layout import Layout, Plan, Shard, Transfer, pack, plan_transfers
 from .model import build_stage_model
 from .model_runner import ModelRunner
-from .reshard import (KV_KEY, MoveStats, Regions, copy_local, gather_layout, kv_layout, kv_region, run_rounds,
-                      weight_regions)
+from .reshard import (KV_KEY, MoveStats, Regions, copy_pieces, gather_layout, kv_layout, kv_region, local_pieces,
+                      run_rounds, weight_regions)
 from .scheduler import KVMove
 from .topology import Topology
 
@@ -67,11 +68,14 @@ class ReconfigureOrder:
 
 @dataclass(frozen=True)
 class PrestageOrder:
-    """Build, plan and fill ``target``'s weight shards while the current topology serves."""
+    """Build, plan and fill ``target``'s weight shards (and allocate its KV cache of
+    ``num_blocks``) while the current topology serves."""
 
     target: Topology
+    num_blocks: int
+    block_size: int
     bucket_bytes: int
-    budget_bytes: int  # refuse a new shard larger than this
+    budget_bytes: Optional[int] = None  # refuse to stage a new shard larger than this (None: any)
     phase_timeout_s: float = 120.0
     fault: Optional[Fault] = None
 
@@ -96,6 +100,8 @@ class Timeline:
     bytes_sent_in_pause: int = 0  # of which during this call (not pre-staged)
     peak_extra_bytes: int = 0  # max over ranks: new shard + new KV + largest buckets in flight
     resources: dict[str, int] = field(default_factory=dict)  # after commit, max over ranks (leak watch)
+    rss_bytes: int = 0  # after commit, summed over ranks (before the freed heap is trimmed)
+    staging_refused: str = ""  # pre-staging: why nothing was staged (the new shard exceeds the budget)
     committed: bool = False
     prestaged: bool = False  # weights were moved before the pause; the phases above exclude them
     failed_phase: Optional[str] = None
@@ -126,6 +132,7 @@ class SwitchState:
     weight_plan: Optional[Plan] = None
     weight_stats: Optional[MoveStats] = None
     weight_rounds: list[dict] = field(default_factory=list)  # pre-staging: remote rounds still to run
+    local_todo: list[list[Transfer]] = field(default_factory=list)  # pre-staging: local copies, a bucket each
     prestaged: bool = False  # built, planned and filled by pre-staging
     kv: Optional[KVCache] = None
     kv_plan: Optional[Plan] = None
@@ -141,10 +148,12 @@ class Staged:
 
     target: Topology
     state: SwitchState
+    chunks: int  # step-boundary chunks (one peer-to-peer round and one local bucket each), max over ranks
+    chunks_done: int = 0
 
     @property
     def complete(self) -> bool:
-        return not self.state.weight_rounds
+        return self.chunks_done >= self.chunks
 
 
 def process_resources() -> dict[str, int]:
@@ -155,7 +164,15 @@ def process_resources() -> dict[str, int]:
         return len(os.listdir(d)) if os.path.isdir(d) else 0
 
     return {"process_groups": len(c10d._world.pg_map), "threads": count("/proc/self/task"),
-            "fds": count("/proc/self/fd")}
+            "fds": count("/proc/self/fd"), "rss": memory.rss_bytes()}
+
+
+def _by_rank(layout: Layout) -> dict[int, list[Shard]]:
+    out: dict[int, list[Shard]] = {}
+    for shards in layout.values():
+        for s in shards:
+            out.setdefault(s.rank, []).append(s)
+    return out
 
 
 def _nbytes(model) -> int:
@@ -182,9 +199,9 @@ class Switch:
     def build(self) -> None:
         w, st, target = self.worker, self.state, self.order.target
         coords = target.coords(w.rank)
-        if coords is not None and self.kv_move is not None:
-            st.kv = KVCache.allocate(w.spec, target, coords[0], self.kv_move.new_num_blocks, self.order.block_size,
-                                     w.device)
+        num_blocks = self.order.num_blocks if self.kv_move is None else self.kv_move.new_num_blocks
+        if coords is not None and (st.kv is None or st.kv.buffer.shape[2] != num_blocks):  # pre-staged: kept
+            st.kv = KVCache.allocate(w.spec, target, coords[0], num_blocks, self.order.block_size, w.device)
         if st.prestaged:
             return
         # megatron's model constructors and sharded_state_dict read ranks from parallel_state:
@@ -192,10 +209,7 @@ class Switch:
         groups.activate(target)
         try:
             if coords is not None:
-                st.model = build_stage_model(w.spec, target, coords[0], w.device)
-                if isinstance(self.order, PrestageOrder) and _nbytes(st.model) > self.order.budget_bytes:
-                    raise MemoryError(f"new shard of {_nbytes(st.model)} B exceeds the pre-staging budget "
-                                      f"of {self.order.budget_bytes} B")
+                st.model = build_stage_model(w.spec, target, coords[0], w.device)  # torch.empty: no pages yet
             st.shards, st.regions = weight_regions(st.model, w.rank)
         finally:
             groups.activate(w.topo)
@@ -214,6 +228,10 @@ class Switch:
             old_layout = gather_layout(st.old_shards, w.group)
             new_layout = gather_layout(st.shards, w.group)
             st.weight_plan = plan_transfers(old_layout, new_layout, dict.fromkeys(new_layout, elem))
+            budget = self.order.budget_bytes if isinstance(self.order, PrestageOrder) else None
+            largest = max(sum(s.box.numel for s in ss) for ss in _by_rank(new_layout).values()) * elem
+            if budget is not None and largest > budget:  # the same verdict on every rank: no vote needed
+                tl.staging_refused = f"the largest new shard ({largest} B) exceeds the pre-staging budget ({budget} B)"
         tl.weights_moved, tl.weights_kept = st.weight_plan.bytes_moved, st.weight_plan.bytes_kept
         if self.kv_move is None:
             return
@@ -249,16 +267,18 @@ class Switch:
         ws, ks = st.weight_stats, st.kv_stats
         kv_bytes = st.kv.buffer.numel() * st.kv.buffer.element_size() if st.kv is not None else 0
         extra = _nbytes(st.model) + kv_bytes + max(ws.peak_bucket_bytes, ks.peak_bucket_bytes)
-        sent = torch.tensor([ws.bytes_sent + ks.bytes_sent, ks.bytes_sent + (0 if st.prestaged else ws.bytes_sent)],
-                            dtype=torch.float64)
         w.runner, w.topo = st.runner, self.order.target
-        self.state = SwitchState()
+        self.state = st = None  # the old shard, KV and plans are unreferenced from here
+        resources = process_resources()
+        sent = torch.tensor([ws.bytes_sent + ks.bytes_sent, ks.bytes_sent + (0 if self.tl.prestaged else ws.bytes_sent),
+                             resources["rss"]], dtype=torch.float64)
         dist.all_reduce(sent, group=w.group)
-        peak = torch.tensor([extra, *process_resources().values()], dtype=torch.float64)
+        peak = torch.tensor([extra, *resources.values()], dtype=torch.float64)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=w.group)
-        tl.bytes_sent, tl.bytes_sent_in_pause = map(int, sent.tolist())
+        memory.release_freed_async()
+        tl.bytes_sent, tl.bytes_sent_in_pause, tl.rss_bytes = map(int, sent.tolist())
         tl.peak_extra_bytes = int(peak[0].item())
-        tl.resources = dict(zip(process_resources(), map(int, peak[1:].tolist())))
+        tl.resources = dict(zip(resources, map(int, peak[1:].tolist())))
 
 
 @dataclass(frozen=True)
@@ -300,30 +320,39 @@ def reconfigure(worker: Worker, order: ReconfigureOrder,
 
 
 def prestage(worker: Worker, order: PrestageOrder) -> Timeline:
-    """Collective: build the target's weight shards and plan their move while the current
-    topology keeps serving; local copies happen now, remote rounds via ``prestage_rounds``."""
+    """Collective: build the target's weight shards and KV cache and plan the weights' move
+    while the current topology keeps serving; the copies run via ``prestage_rounds``. Raises
+    RolledBack; stages nothing (``tl.staging_refused``) if the new shard exceeds the budget."""
     worker.staged = None
     tl = Timeline(str(worker.topo), str(order.target), "prestage")
     switch = Switch(worker, order, SwitchState(), tl)
     _run_phases(switch, PRESTAGE_PHASES)
+    if tl.staging_refused:
+        return tl
     st = switch.state
     st.weight_stats = MoveStats()
-    with torch.no_grad():
-        copy_local(st.weight_plan, worker.rank, st.old_regions, st.regions, order.bucket_bytes, st.weight_stats)
+    st.local_todo = pack(local_pieces(st.weight_plan, worker.rank, order.bucket_bytes), order.bucket_bytes)
     st.weight_rounds = list(st.weight_plan.rounds(worker.world, order.bucket_bytes))
+    chunks = torch.tensor([len(st.weight_rounds), len(st.local_todo)])
+    dist.all_reduce(chunks, op=dist.ReduceOp.MAX, group=worker.group)  # every rank runs as many chunks
     st.prestaged = True
-    worker.staged = Staged(order.target, st)
+    worker.staged = Staged(order.target, st, int(chunks.max()))
     return tl
 
 
 def prestage_rounds(worker: Worker, n: int) -> bool:
-    """Collective: run the next ``n`` pre-staging rounds; True when staging is complete."""
-    st = worker.staged.state
-    todo, st.weight_rounds = st.weight_rounds[:n], st.weight_rounds[n:]
+    """Collective: run the next ``n`` staging chunks; True when staging is complete (on every
+    rank at once)."""
+    staged, st = worker.staged, worker.staged.state
+    n = min(n, staged.chunks - staged.chunks_done)
+    rounds, st.weight_rounds = st.weight_rounds[:n], st.weight_rounds[n:]
+    pieces, st.local_todo = st.local_todo[:n], st.local_todo[n:]
     with torch.no_grad():
-        run_rounds(todo, worker.rank, st.old_regions, st.regions, worker.device, worker.spec.torch_dtype,
+        copy_pieces([t for bucket in pieces for t in bucket], st.old_regions, st.regions, st.weight_stats)
+        run_rounds(rounds, worker.rank, st.old_regions, st.regions, worker.device, worker.spec.torch_dtype,
                    st.weight_stats)
-    return worker.staged.complete
+    staged.chunks_done += n
+    return staged.complete
 
 
 def _run_phases(switch: Switch, phases, progress=None) -> None:

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .layout import Box, Layout, Plan, Shard
+from .layout import Box, Layout, Plan, Shard, Transfer
 from .spec import ModelSpec
 from .topology import Topology
 
@@ -107,12 +107,15 @@ class MoveStats:
     peak_bucket_bytes: int = 0  # largest send + receive buffers held at once
 
 
-def copy_local(plan: Plan, rank: int, src: Regions, dst: Regions, bucket_bytes: int, stats: MoveStats) -> None:
-    """This rank's local pieces, copied in bucket-sized slabs to bound memory."""
-    for t in plan.local(rank):
-        elem = t.nbytes // t.box.numel
-        for piece in t.box.split(max(1, bucket_bytes // elem)):
-            dst[(t.key, t.dst_index)].write(piece, src[(t.key, t.src_index)].read(piece))
+def local_pieces(plan: Plan, rank: int, bucket_bytes: int) -> list[Transfer]:
+    """This rank's local copies, split into bucket-sized slabs (bounded memory, and pre-staging
+    can spread them over step boundaries)."""
+    return [piece for t in plan.local(rank) for piece in t.split(bucket_bytes)]
+
+
+def copy_pieces(pieces: list[Transfer], src: Regions, dst: Regions, stats: MoveStats) -> None:
+    for t in pieces:
+        dst[(t.key, t.dst_index)].write(t.box, src[(t.key, t.src_index)].read(t.box))
         stats.bytes_local += t.nbytes
 
 

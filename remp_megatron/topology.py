@@ -80,3 +80,16 @@ class Topology:
             return cls(int(tp), int(pp))
         except ValueError:
             raise TopologyError(f"cannot parse topology {text!r} (use e.g. 2x2 or tp2pp2)") from None
+
+
+def valid_topologies(spec: ModelSpec, world_size: int) -> list[Topology]:
+    """Every topology ``spec`` can be served at in a world of ``world_size`` ranks."""
+    out = []
+    for tp in range(1, world_size + 1):
+        for pp in range(1, world_size // tp + 1):
+            try:
+                Topology(tp, pp).validate(spec, world_size)
+            except TopologyError:
+                continue
+            out.append(Topology(tp, pp))
+    return out

@@ -8,20 +8,22 @@ through the same ``Worker.run`` dispatcher.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
 
+from . import groups
 from . import reconfigure as rc
 from .config import EngineConfig
 from .layout import Plan
 from .model_runner import ModelRunner, load_runner
-from .reshard import MoveStats, Regions, copy_local, run_rounds
+from .reshard import MoveStats, Regions, copy_pieces, local_pieces, run_rounds
 from .scheduler import StepPlan
 from .spec import ModelSpec
-from .topology import Topology
+from .topology import Topology, valid_topologies
 
 log = logging.getLogger("remp.worker")
 
@@ -94,16 +96,23 @@ class Worker:
         """Collective: this rank's local pieces of ``plan``, then every bucket round."""
         stats = MoveStats()
         with torch.no_grad():
-            copy_local(plan, self.rank, src, dst, bucket_bytes, stats)
+            copy_pieces(local_pieces(plan, self.rank, bucket_bytes), src, dst, stats)
             run_rounds(list(plan.rounds(self.world, bucket_bytes)), self.rank, src, dst, self.device,
                        self.spec.torch_dtype, stats)
         return stats
 
 
 def load_worker(rt, spec: ModelSpec, model_dir, topo: Topology, cfg: EngineConfig) -> Worker:
-    """Collective: load ``topo``'s shards from a converted model dir on every rank."""
+    """Collective: load ``topo``'s shards from a converted model dir on every rank, and create
+    the process groups of every topology this world can switch to (so no switch pays for them)."""
     topo.validate(spec, rt.world_size)
     runner = load_runner(spec, model_dir, topo, rt.rank, rt.device, cfg.blocks_for(spec, topo), cfg.block_size)
+    t0 = time.perf_counter()
+    targets = valid_topologies(spec, rt.world_size)
+    for t in targets:
+        groups.ensure(t)
+    log.info("process groups for %d topologies (%s) in %.0f ms", len(targets), " ".join(t.short for t in targets),
+             (time.perf_counter() - t0) * 1e3)
     return Worker(spec, topo, runner, rt.rank, rt.world_size, rt.device, rt.control_group)
 
 

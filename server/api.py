@@ -12,4 +12,13 @@ from remp.v1 import remp_pb2_grpc as pb_grpc  # noqa: E402
 # Where servers and clients read the admin token when no file/flag gives one.
 TOKEN_ENV = "REMP_ADMIN_TOKEN"
 
-__all__ = ["pb", "pb_grpc", "TOKEN_ENV"]
+
+def describe_switch(r: pb.SwitchRecord) -> str:
+    """The user-felt numbers of a switch (record or COMMITTED/ROLLED_BACK event), one line."""
+    drain = f"drain {r.drain_s * 1e3:.0f} ms, " if r.drain_s else ""
+    staged = f"staged {r.staging_s * 1e3:.0f} ms while serving, " if r.prestaged else "not pre-staged, "
+    return (f"{staged}{drain}pause {r.pause_s * 1e3:.0f} ms, stall {r.stall_s * 1e3:.0f} ms, "
+            f"{r.bytes_in_pause / 2**20:.1f} MiB sent in the pause")
+
+
+__all__ = ["pb", "pb_grpc", "TOKEN_ENV", "describe_switch"]

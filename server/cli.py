@@ -37,6 +37,7 @@ SERVE_FLAGS = {
     "shutdown_grace_s": "--shutdown-grace",
     "engine.kv_budget_mb": "--kv-budget-mb", "engine.max_num_seqs": "--max-num-seqs",
     "engine.max_queue": "--max-queue", "engine.block_size": "--block-size",
+    "engine.prestage_budget_mb": "--prestage-budget-mb",
     "policy_profile": "--policy-profile", "policy_enabled": "--policy", "policy.interval_s": "--policy-interval",
     "policy.low_load": "--policy-low", "policy.high_load": "--policy-high", "policy.patience": "--policy-patience",
     "policy.min_dwell_s": "--policy-min-dwell",
@@ -142,7 +143,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_reconfigure(args) -> int:
-    from .api import pb
+    from .api import describe_switch, pb
 
     code = 0
     with _client(args) as c:
@@ -150,10 +151,13 @@ def cmd_reconfigure(args) -> int:
             kind = pb.ReconfigureEvent.Kind.Name(ev.kind)
             if kind == "PHASE":
                 text = f"  {ev.phase:<13s} {ev.seconds * 1e3:8.1f} ms" + (f"  {ev.bytes / 2**20:.1f} MiB" if ev.bytes else "")
+            elif kind == "STAGING":
+                text = (f"  staging {ev.bytes / 2**20:.0f} of {ev.bytes_total / 2**20:.0f} MiB while serving "
+                        f"({ev.seconds:.1f} s)" if not ev.reason else f"  staging refused: {ev.reason}")
             elif kind == "ACCEPTED":
                 text = f"accepted: {ev.source} -> {ev.target}"
             else:
-                text = (f"{kind.lower()}: {ev.source} -> {ev.target}, downtime {ev.downtime_s * 1e3:.0f} ms"
+                text = (f"{kind.lower()}: {ev.source} -> {ev.target}, {describe_switch(ev)}"
                         + (f" ({ev.reason})" if ev.reason else ""))
                 code = 0 if kind == "COMMITTED" else 3
             _emit(args, ev, text)
@@ -161,14 +165,16 @@ def cmd_reconfigure(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from .api import describe_switch
+
     with _client(args) as c:
         st = c.status()
     text = (f"topology {st.topology}  world {st.world_size}  active {list(st.active_ranks)}  standby "
             f"{list(st.standby_ranks)}\nqueue {st.queue_depth}  running {st.running_requests}  KV blocks used "
             f"{st.kv_blocks_used} free {st.kv_blocks_free} (block {st.kv_block_size})\nswitches: "
             + ("none" if not st.switch_history else "".join(
-                f"\n  {s.source} -> {s.target} ({s.mode}) {'committed' if s.committed else 'rolled back'} "
-                f"{s.downtime_s * 1e3:.0f} ms" for s in st.switch_history))
+                f"\n  {s.source} -> {s.target} ({s.mode}) {'committed' if s.committed else 'rolled back'}: "
+                f"{describe_switch(s)}" for s in st.switch_history))
             + (f"\npolicy: {'on' if st.policy.enabled else 'off'}" + "".join(
                 f"\n  t={d.time_s:.0f}s {d.current} wants {d.wanted}: {d.reason}" for d in st.policy.decisions[-5:])
                if st.HasField("policy") else ""))

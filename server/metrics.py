@@ -13,8 +13,18 @@ KV_FREE = Gauge("remp_kv_blocks_free", "KV cache blocks free")
 SWITCHES = Counter("remp_switches_total", "Topology switches", ["outcome"])
 SWITCH_PHASE = Histogram("remp_switch_phase_seconds", "Seconds per reconfiguration phase", ["phase"],
                          buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 10))
-SWITCH_DOWNTIME = Histogram("remp_switch_downtime_seconds", "Pause to first token at the new topology",
-                            buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+_SWITCH_BUCKETS = (.01, .025, .05, .1, .15, .25, .5, 1, 2.5, 5, 10, 30, 120)
+SWITCH_DOWNTIME = Histogram("remp_switch_downtime_seconds", "Pause request to the first step at the new topology",
+                            buckets=_SWITCH_BUCKETS)
+SWITCH_PAUSE = Histogram("remp_switch_pause_seconds", "Step boundary to serving again (the engine stopped)",
+                         buckets=_SWITCH_BUCKETS)
+SWITCH_STALL = Histogram("remp_switch_stall_seconds",
+                         "Longest extra wait of an in-flight stream across a switch (beyond its inter-token time)",
+                         buckets=_SWITCH_BUCKETS)
+SWITCH_DRAIN = Histogram("remp_switch_drain_seconds", "Drain mode: admission closed until running requests finished",
+                         buckets=_SWITCH_BUCKETS)
+SWITCH_STAGING = Histogram("remp_switch_staging_seconds", "New shards built and filled while serving went on",
+                           buckets=_SWITCH_BUCKETS)
 POLICY_DECISIONS = Counter("remp_policy_decisions_total", "Adaptive policy observations", ["action"])
 
 

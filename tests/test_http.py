@@ -10,7 +10,8 @@ import httpx2 as httpx  # the openai client's own HTTP library
 import openai
 import pytest
 
-from conftest import CLEAR_MARGIN, ROOT, Server, hf_greedy, run
+from conftest import ROOT, Server, run
+from remp_megatron.hf_reference import CLEAR_MARGIN, hf_greedy
 
 pytestmark = pytest.mark.world
 TOKEN = "http-admin-token"

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from conftest import CLEAR_MARGIN, hf_greedy, torchrun
+from conftest import torchrun
+from remp_megatron.hf_reference import CLEAR_MARGIN, hf_greedy
 
 pytestmark = pytest.mark.world
 

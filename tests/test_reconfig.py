@@ -209,3 +209,6 @@ def test_no_resource_growth_over_twenty_switches(run):
     assert last["process_groups"] == first["process_groups"]
     assert last["threads"] <= first["threads"] + 2
     assert last["fds"] <= first["fds"] + 4
+    # Every switch frees a shard and a KV cache (test_memory: the heap is returned); a leak of
+    # either would ratchet RSS up over 20 switches.
+    assert last["rss"] <= first["rss"] * 1.05, (first["rss"], last["rss"])

@@ -98,6 +98,7 @@ def test_thirty_streams_survive_three_switches(client, reference):
         events, last = switch(client, tp, pp, mode)
         assert [pb.ReconfigureEvent.Kind.Name(e.kind) for e in events][0] == "ACCEPTED"
         assert [e.phase for e in events if e.kind == pb.ReconfigureEvent.PHASE][-1] == "commit"
+        assert_prestaged(events, last)
         outcomes.append(last.kind)
     for t in threads:
         t.join(timeout=300)
@@ -107,6 +108,17 @@ def test_thirty_streams_survive_three_switches(client, reference):
         assert toks == ref and reason in ("length", "stop")
     st = client.status()
     assert st.topology == "TP2·PP2" and sum(s.committed for s in st.switch_history) >= 3
+
+
+def assert_prestaged(events, last):
+    """The weights were staged while serving went on (STAGING events up to every byte), and the
+    pause sent only the KV cache: bytes counted by the ranks, not predicted."""
+    staging = [e for e in events if e.kind == pb.ReconfigureEvent.STAGING]
+    assert staging and staging[-1].bytes == staging[-1].bytes_total > 0
+    phase_bytes = {e.phase: e.bytes for e in events if e.kind == pb.ReconfigureEvent.PHASE}
+    assert last.prestaged and phase_bytes["move_weights"] > 0
+    assert last.bytes_in_pause == phase_bytes["move_kv"]  # no weight byte in the pause
+    assert 0 < last.pause_s <= last.downtime_s and last.stall_s >= 0 and last.staging_s > 0
 
 
 def test_invalid_topology_is_rejected_and_changes_nothing(client):
@@ -133,6 +145,7 @@ def test_second_reconfigure_while_one_runs_is_refused(client):
     t.join(timeout=300)
     long.join(timeout=300)
     assert first[0].kind == pb.ReconfigureEvent.COMMITTED
+    assert first[0].drain_s > 0 and first[0].pause_s > 0  # drain time is reported apart from the pause
     switch(client, 2, 2)
     assert client.status().topology == "TP2·PP2"
 
@@ -166,6 +179,12 @@ def test_rolled_back_switch_reports_why_and_serving_continues(client, reference)
     wait_until(lambda: client.status().running_requests >= 2)
     _, last = switch(client, 1, 4, inject_fault="move_kv:2")
     assert last.kind == pb.ReconfigureEvent.ROLLED_BACK and "injected fault" in last.reason and "move_kv" in last.reason
+    assert last.prestaged and last.pause_s > 0  # the weights were staged; the pause's KV move failed
+    # A failure while staging: the engine never paused, nothing changed.
+    events, last = switch(client, 1, 4, inject_fault="build:3")
+    assert last.kind == pb.ReconfigureEvent.ROLLED_BACK and "staging failed" in last.reason and "build" in last.reason
+    assert last.pause_s == 0 and not any(e.kind == pb.ReconfigureEvent.PHASE for e in events)
+    assert client.status().switch_history[-1].failed_phase == "staging:build"
     for t in threads:
         t.join(timeout=300)
     assert results == reference[:4]

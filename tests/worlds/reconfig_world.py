@@ -71,12 +71,14 @@ def drive(engine: Engine, job: dict, rt) -> dict:
         fault = Fault(**sw["fault"]) if sw.get("fault") else None
         rec = {"tag": sw.get("tag", ""), "inflight": inflight}
         if sw.get("prestage"):  # move the weights while serving goes on, then switch
-            rec["prestage"] = dataclasses.asdict(engine.prestage(Topology.parse(sw["target"])))
+            job = engine.prestage(Topology.parse(sw["target"]))
             steps = 0
-            while engine.prestaged is None:
+            while not job.done.is_set():
                 engine.step()
                 top_up()
                 steps += 1
+            assert job.staged, job
+            rec["prestage"] = dataclasses.asdict(job.timeline)
             rec["steps_while_staging"] = steps
             inflight = {s.request_id: s.num_tokens for s in engine.sched.running if s.output}
             rec["inflight"] = inflight
