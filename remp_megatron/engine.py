@@ -250,6 +250,10 @@ class Engine:
                 job.timeline = self.worker.execute(Prestage(job.order))
             except RolledBack as e:
                 job.failure, job.timeline = e, e.timeline
+            except Exception as e:  # past the last vote (a collective failed): report, keep serving
+                job.timeline = Timeline(str(self.topo), str(job.order.target), "prestage", failed_phase="plan",
+                                        error=f"{type(e).__name__}: {e}")
+                job.failure = RolledBack(job.timeline)
             if job.failure is None and not job.timeline.staging_refused:
                 job.chunks = self.worker.staged.chunks
         else:

@@ -147,6 +147,7 @@ def main() -> None:
                                  "bytes_in_pause": last.bytes_in_pause, "rss": ranks_rss(server),
                                  "rss_reported": last.rss_bytes})
                     r = rows[-1]
+                    save(args.out, cold_start, rss0, rows, streams, args)  # a stopped soak keeps what it measured
                     print(f"{i:3d} {r['source']} -> {r['target']} {mode:9s} "
                           f"{'ok' if committed else 'ROLLED BACK ' + r['reason']} staging {r['staging_s'] * 1e3:5.0f} "
                           f"drain {r['drain_s'] * 1e3:5.0f} pause {r['pause_s'] * 1e3:4.0f} stall "
@@ -154,14 +155,19 @@ def main() -> None:
                 streams.join()
         finally:
             server.stop()
-    result = {"cold_start_s": cold_start, "rss_start": rss0, "rows": rows, "streams_done": streams.done,
-              "streams_mismatched": streams.mismatched, "streams_failed": streams.failed,
-              "errors": streams.errors[:5], "args": {k: str(v) for k, v in vars(args).items()}}
-    (args.out / "soak.json").write_text(json.dumps(result, indent=1))
+    result = save(args.out, cold_start, rss0, rows, streams, args)
     summary = report(result, args)
     (args.out / "soak.md").write_text(summary)
     print(summary)
     plot(result, args.out / "soak_rss.png")
+
+
+def save(out: Path, cold_start: float, rss0: int, rows: list[dict], streams: Streams, args) -> dict:
+    result = {"cold_start_s": cold_start, "rss_start": rss0, "rows": rows, "streams_done": streams.done,
+              "streams_mismatched": streams.mismatched, "streams_failed": streams.failed,
+              "errors": streams.errors[:5], "args": {k: str(v) for k, v in vars(args).items()}}
+    (out / "soak.json").write_text(json.dumps(result, indent=1))
+    return result
 
 
 def report(res: dict, args) -> str:

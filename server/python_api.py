@@ -54,6 +54,10 @@ class SwitchResult:
     downtime_s: float
     phases: dict[str, float]  # seconds per phase
     reason: str = ""  # why it rolled back
+    pause_s: float = 0.0  # step boundary -> serving again
+    stall_s: float = 0.0  # the longest extra wait of an in-flight stream
+    drain_s: float = 0.0  # drain mode: until the running requests finished
+    staging_s: float = 0.0  # weights staged while serving went on
 
 
 def _as_batch(prompts: Prompts) -> list[Prompt]:
@@ -93,7 +97,7 @@ class Client:
                 phases[ev.phase] = ev.seconds
             last = ev
         return SwitchResult(last.kind == pb.ReconfigureEvent.COMMITTED, last.source, last.target, last.downtime_s,
-                            phases, last.reason)
+                            phases, last.reason, last.pause_s, last.stall_s, last.drain_s, last.staging_s)
 
     def status(self, timeout: Optional[float] = None) -> pb.StatusResponse:
         return self.rpc.status(timeout=timeout)
@@ -208,7 +212,7 @@ class Pipeline:
             tl, reason = self.engine.reconfigure(Topology(tp, pp), mode), ""
         except RolledBack as e:
             tl, reason = e.timeline, str(e)
-        return SwitchResult(tl.committed, tl.source, tl.target, tl.seconds, dict(tl.phases), reason)
+        return SwitchResult(tl.committed, tl.source, tl.target, tl.seconds, dict(tl.phases), reason, tl.seconds)
 
     def close(self) -> None:
         import torch.distributed as dist

@@ -238,6 +238,7 @@ def test_mii_style_serve_generate_reconfigure_terminate(llama_mg, tmp_path):
     assert [r.generated_length for r in before] == [8, 8] and before[0].prompt_length == 3
     switched = c.reconfigure(2, 1)
     assert switched.committed and switched.target == "TP2·PP1" and "move_weights" in switched.phases
+    assert switched.staging_s > 0 and 0 < switched.pause_s <= switched.downtime_s  # staged while serving
     assert c.generate([[5, 6, 7], [9, 10, 11, 12]], max_new_tokens=8) == before
     c.terminate_server()
     assert c.server.proc.returncode == 0 and "rank 0 exited cleanly" in c.server.log_path.read_text()
