@@ -23,7 +23,7 @@ from .request import FinishReason, Request, Sequence, SequenceState, StepOutput
 from .sampler import sample_one
 from .scheduler import Scheduled, Scheduler, SchedulerConfig, StepPlan
 from .topology import Topology
-from .worker import Prestage, PrestageRounds, Reconfigure, Step, Stop, Worker
+from .worker import Prestage, PrestageKV, PrestageRounds, Reconfigure, Step, Stop, Worker
 
 log = logging.getLogger("remp.engine")
 
@@ -86,17 +86,20 @@ class EngineState:
 @dataclass
 class Staging:
     """A pre-staging job. Its first part (validate, build, plan, KV allocation) runs at the next
-    step boundary, then one chunk of copies per boundary while serving goes on. ``done`` is set
-    when the weights are staged, when staging failed (``failure``: nothing changed), was
-    refused (``timeline.staging_refused``: over the budget), or was abandoned (a switch to
-    another target came first)."""
+    step boundary, then one chunk of weight copies per boundary while serving goes on, then
+    (``copy_kv``) the running requests' full KV blocks at one more boundary. ``done`` is set
+    when that is finished, when staging failed (``failure``: nothing changed), was refused
+    (``timeline.staging_refused``: over the budget), or was abandoned (a switch to another
+    target came first)."""
 
     order: PrestageOrder
+    copy_kv: bool = True
     timeline: Optional[Timeline] = None
     failure: Optional[RolledBack] = None
     chunks: int = 0
     chunks_done: int = 0
-    staged: bool = False
+    staged: bool = False  # the weights are in place
+    kv_blocks: Optional[int] = None  # KV blocks copied ahead (None: not yet)
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -223,17 +226,22 @@ class Engine:
         st = self.worker.staged
         return st.target if st is not None and st.complete else None
 
-    def prestage(self, target: Topology, fault: Optional[Fault] = None, bucket_mb: float = 16) -> Staging:
+    def prestage(self, target: Topology, fault: Optional[Fault] = None, bucket_mb: float = 16,
+                 copy_kv: bool = True) -> Staging:
         """Start staging ``target``'s weight shards and KV cache while the current topology
         keeps serving (thread-safe): the work runs at the next step boundaries (the serving loop
         does not idle meanwhile; ``run_until_prestaged`` drives it in synchronous use). A later
-        ``reconfigure(target)`` then only moves KV, switches groups and commits."""
+        ``reconfigure(target)`` then only moves the KV not copied ahead (``copy_kv``: the full
+        blocks of running requests, worth it for a migrate-mode switch), switches groups and
+        commits."""
         if not self.cfg.prestaging:
             raise ValueError("pre-staging is off (EngineConfig.prestage_budget_mb is 0)")
         target.validate(self.spec, self.worker.world)
         job = Staging(PrestageOrder(target, self.cfg.blocks_for(self.spec, target), self.cfg.block_size,
-                                    int(bucket_mb * 2**20), self.cfg.prestage_budget_bytes, fault=fault))
+                                    int(bucket_mb * 2**20), self.cfg.prestage_budget_bytes, fault=fault), copy_kv)
         self._abandon_staging()
+        with self._lock:
+            self.sched.kv_staged.clear()
         self._staging = job
         self._wake.set()
         return job
@@ -243,9 +251,16 @@ class Engine:
             self.step()
 
     def _advance_staging(self) -> None:
-        """At a step boundary: the job's first part, or its next chunk of copies."""
+        """At a step boundary: the job's first part, its next chunk of weight copies, or the KV
+        copied ahead."""
         job = self._staging
-        if job.timeline is None:
+        if job.staged:
+            with self._lock:  # no block may be freed between choosing and recording
+                ids = [b for b in self.sched.full_blocks() if b < job.order.num_blocks]
+                self.worker.execute(PrestageKV(ids))
+                self.sched.kv_staged = set(ids)
+            job.kv_blocks = len(ids)
+        elif job.timeline is None:
             try:
                 job.timeline = self.worker.execute(Prestage(job.order))
             except RolledBack as e:
@@ -259,13 +274,16 @@ class Engine:
         else:
             job.staged = self.worker.execute(PrestageRounds(self.cfg.prestage_rounds_per_step))
             job.chunks_done = self.worker.staged.chunks_done
-        if job.staged or job.failure is not None or job.timeline.staging_refused:
+        finished = job.staged and (not job.copy_kv or job.kv_blocks is not None)
+        if finished or job.failure is not None or job.timeline.staging_refused:
             self._staging = None
             job.done.set()
 
     def _abandon_staging(self) -> None:
         job, self._staging = self._staging, None
         if job is not None:
+            with self._lock:
+                self.sched.kv_staged.clear()  # copies into a cache that will not be used
             job.done.set()
 
     def reconfigure(self, target: Topology, mode: str = "migrate", fault: Optional[Fault] = None,

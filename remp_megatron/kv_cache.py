@@ -49,7 +49,7 @@ class BlockAllocator:
 
 def block_bytes(spec: ModelSpec, topo: Topology, block_size: int) -> int:
     """Bytes one block takes on one active rank at this topology."""
-    elem = torch.tensor([], dtype=spec.torch_dtype).element_size()
+    elem = spec.torch_dtype.itemsize
     layers = spec.num_layers // topo.pp
     heads = spec.num_kv_heads // topo.tp
     return 2 * layers * block_size * heads * spec.head_dim * elem

@@ -11,8 +11,9 @@ and re-activating the old snapshot.
 
 Pre-staging runs the first three phases (and allocates the target's KV cache) while the old
 topology keeps serving, then fills the new shards one bucket per step boundary (local copies
-and peer-to-peer rounds); a later switch to the same target then skips building and moving
-the weights: its pause covers the KV migration, the group switch and the commit.
+and peer-to-peer rounds), then may copy the running requests' full KV blocks ahead; a later
+switch to the same target then skips building and moving the weights: its pause covers the
+KV blocks written since, the group switch and the commit.
 """
 from __future__ import annotations
 
@@ -94,9 +95,11 @@ class Timeline:
     kv_moved: int = 0
     kv_kept: int = 0
     kv_blocks: int = 0  # live blocks migrated
+    kv_blocks_staged: int = 0  # of which copied ahead, before the pause (kv_moved/kept count the others)
+    kv_moved_ahead: int = 0  # planned bytes of the copy ahead (its blocks freed since included)
     kv_renumbered: bool = False  # the new cache is smaller than the old block ids: ids changed
     requests_dropped: int = 0  # their KV did not fit the new cache: recomputed after the commit
-    bytes_sent: int = 0  # measured, all ranks (equals weights_moved + kv_moved)
+    bytes_sent: int = 0  # measured, all ranks (equals weights_moved + kv_moved + kv_moved_ahead)
     bytes_sent_in_pause: int = 0  # of which during this call (not pre-staged)
     peak_extra_bytes: int = 0  # max over ranks: new shard + new KV + largest buckets in flight
     resources: dict[str, int] = field(default_factory=dict)  # after commit, max over ranks (leak watch)
@@ -135,6 +138,9 @@ class SwitchState:
     local_todo: list[list[Transfer]] = field(default_factory=list)  # pre-staging: local copies, a bucket each
     prestaged: bool = False  # built, planned and filled by pre-staging
     kv: Optional[KVCache] = None
+    kv_staged: frozenset[int] = frozenset()  # block ids copied ahead into ``kv`` (pre-staging)
+    kv_staged_moved: int = 0  # planned bytes of that copy (all ranks)
+    kv_staged_sent: int = 0  # bytes this rank sent for it
     kv_plan: Optional[Plan] = None
     kv_src: Regions = field(default_factory=dict)
     kv_dst: Regions = field(default_factory=dict)
@@ -144,12 +150,16 @@ class SwitchState:
 
 @dataclass
 class Staged:
-    """Pre-staged weights for ``target`` (every rank holds its part)."""
+    """Pre-staged weights (and KV cache) for ``order.target`` (every rank holds its part)."""
 
-    target: Topology
+    order: PrestageOrder
     state: SwitchState
     chunks: int  # step-boundary chunks (one peer-to-peer round and one local bucket each), max over ranks
     chunks_done: int = 0
+
+    @property
+    def target(self) -> Topology:
+        return self.order.target
 
     @property
     def complete(self) -> bool:
@@ -202,6 +212,7 @@ class Switch:
         num_blocks = self.order.num_blocks if self.kv_move is None else self.kv_move.new_num_blocks
         if coords is not None and (st.kv is None or st.kv.buffer.shape[2] != num_blocks):  # pre-staged: kept
             st.kv = KVCache.allocate(w.spec, target, coords[0], num_blocks, self.order.block_size, w.device)
+            st.kv_staged = frozenset()
         if st.prestaged:
             return
         # megatron's model constructors and sharded_state_dict read ranks from parallel_state:
@@ -223,7 +234,7 @@ class Switch:
 
     def plan(self) -> None:
         w, st, tl = self.worker, self.state, self.tl
-        elem = torch.tensor([], dtype=w.spec.torch_dtype).element_size()
+        elem = w.spec.torch_dtype.itemsize
         if not st.prestaged:
             old_layout = gather_layout(st.old_shards, w.group)
             new_layout = gather_layout(st.shards, w.group)
@@ -235,12 +246,13 @@ class Switch:
         tl.weights_moved, tl.weights_kept = st.weight_plan.bytes_moved, st.weight_plan.bytes_kept
         if self.kv_move is None:
             return
-        kv, n_live = self.kv_move, len(self.kv_move.old_ids)
-        old_kv, new_kv = (kv_layout(w.spec, t, n_live, self.order.block_size) for t in (w.topo, self.order.target))
-        st.kv_plan = plan_transfers(old_kv, new_kv, {KV_KEY: elem})
-        st.kv_src = kv_region(w.runner.kv.buffer, old_kv, w.rank, kv.old_ids) if w.runner else {}
-        st.kv_dst = kv_region(st.kv.buffer, new_kv, w.rank, kv.new_ids) if st.kv is not None else {}
-        tl.kv_moved, tl.kv_kept, tl.kv_blocks = st.kv_plan.bytes_moved, st.kv_plan.bytes_kept, n_live
+        kv = self.kv_move
+        ahead = kv.staged & st.kv_staged  # both sides agree they are in place (same on every rank)
+        ids = [(o, n) for o, n in zip(kv.old_ids, kv.new_ids) if o not in ahead]
+        st.kv_plan, st.kv_src, st.kv_dst = plan_kv(w, self.order.target, st.kv, [o for o, _ in ids],
+                                                   [n for _, n in ids], self.order.block_size)
+        tl.kv_moved, tl.kv_kept = st.kv_plan.bytes_moved, st.kv_plan.bytes_kept
+        tl.kv_blocks, tl.kv_blocks_staged, tl.kv_moved_ahead = len(kv.old_ids), len(ahead), st.kv_staged_moved
         tl.kv_renumbered, tl.requests_dropped = kv.renumbered, len(kv.dropped)
 
     # ---- move ----------------------------------------------------------------------------
@@ -264,13 +276,14 @@ class Switch:
         megatron modules hold no cycles, and a gc.collect() would cost ~0.25 s of pause), then
         sum what moved and take the peak extra memory over ranks."""
         w, st, tl = self.worker, self.state, self.tl
-        ws, ks = st.weight_stats, st.kv_stats
+        ws, ks, ks_ahead = st.weight_stats, st.kv_stats, st.kv_staged_sent
         kv_bytes = st.kv.buffer.numel() * st.kv.buffer.element_size() if st.kv is not None else 0
         extra = _nbytes(st.model) + kv_bytes + max(ws.peak_bucket_bytes, ks.peak_bucket_bytes)
         w.runner, w.topo = st.runner, self.order.target
         self.state = st = None  # the old shard, KV and plans are unreferenced from here
         resources = process_resources()
-        sent = torch.tensor([ws.bytes_sent + ks.bytes_sent, ks.bytes_sent + (0 if self.tl.prestaged else ws.bytes_sent),
+        sent = torch.tensor([ws.bytes_sent + ks.bytes_sent + ks_ahead,
+                             ks.bytes_sent + (0 if self.tl.prestaged else ws.bytes_sent),
                              resources["rss"]], dtype=torch.float64)
         dist.all_reduce(sent, group=w.group)
         peak = torch.tensor([extra, *resources.values()], dtype=torch.float64)
@@ -336,7 +349,7 @@ def prestage(worker: Worker, order: PrestageOrder) -> Timeline:
     chunks = torch.tensor([len(st.weight_rounds), len(st.local_todo)])
     dist.all_reduce(chunks, op=dist.ReduceOp.MAX, group=worker.group)  # every rank runs as many chunks
     st.prestaged = True
-    worker.staged = Staged(order.target, st, int(chunks.max()))
+    worker.staged = Staged(order, st, int(chunks.max()))
     return tl
 
 
@@ -353,6 +366,30 @@ def prestage_rounds(worker: Worker, n: int) -> bool:
                    st.weight_stats)
     staged.chunks_done += n
     return staged.complete
+
+
+def prestage_kv(worker: Worker, block_ids: list[int]) -> None:
+    """Collective: copy these live KV blocks (full: never written again) into the pre-staged
+    target cache under the same ids, so the switch's pause moves only the blocks written
+    since."""
+    order, st = worker.staged.order, worker.staged.state
+    plan, src, dst = plan_kv(worker, order.target, st.kv, block_ids, block_ids, order.block_size)
+    stats = worker.execute_plan(plan, src, dst, order.bucket_bytes)
+    st.kv_staged = st.kv_staged | frozenset(block_ids)
+    st.kv_staged_moved += plan.bytes_moved
+    st.kv_staged_sent += stats.bytes_sent
+
+
+def plan_kv(worker: Worker, target: Topology, new_cache: Optional[KVCache], old_ids: list[int], new_ids: list[int],
+            block_size: int) -> tuple[Plan, Regions, Regions]:
+    """Plan moving the KV of blocks ``old_ids`` (current cache) to ``new_ids`` of
+    ``new_cache`` at ``target``, and this rank's source and destination regions."""
+    w = worker
+    old_kv, new_kv = (kv_layout(w.spec, t, len(old_ids), block_size) for t in (w.topo, target))
+    plan = plan_transfers(old_kv, new_kv, {KV_KEY: w.spec.torch_dtype.itemsize})
+    src = kv_region(w.runner.kv.buffer, old_kv, w.rank, old_ids) if w.runner else {}
+    dst = kv_region(new_cache.buffer, new_kv, w.rank, new_ids) if new_cache is not None else {}
+    return plan, src, dst
 
 
 def _run_phases(switch: Switch, phases, progress=None) -> None:

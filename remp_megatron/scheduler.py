@@ -24,16 +24,19 @@ class KVMove:
     new_ids: list[int]  # the physical block each one becomes at the new topology
     new_num_blocks: int
     dropped: list[str]  # requests whose KV does not fit: preempted for recompute after commit
+    staged: frozenset[int] = frozenset()  # old ids already copied to the same id in the target's pre-staged cache
 
     @property
     def renumbered(self) -> bool:
         return self.old_ids != self.new_ids
 
 
-def plan_kv_move(live: list[tuple[str, list[int]]], new_num_blocks: int) -> KVMove:
+def plan_kv_move(live: list[tuple[str, list[int]]], new_num_blocks: int,
+                 staged: frozenset[int] = frozenset()) -> KVMove:
     """``live``: (request id, block table) of running requests, oldest first. Keeps block ids
     when they all fit the new cache, else renumbers them densely in sorted order; drops the
-    newest requests whose blocks do not fit at all."""
+    newest requests whose blocks do not fit at all. ``staged`` blocks (copied ahead under
+    their own id) stay out of the move only while ids are kept."""
     kept, dropped, used = [], [], 0
     for rid, table in live:
         if used + len(table) <= new_num_blocks:
@@ -43,7 +46,7 @@ def plan_kv_move(live: list[tuple[str, list[int]]], new_num_blocks: int) -> KVMo
             dropped.append(rid)
     old = [b for t in kept for b in t]
     if all(b < new_num_blocks for b in old):
-        return KVMove(old, list(old), new_num_blocks, dropped)
+        return KVMove(old, list(old), new_num_blocks, dropped, staged.intersection(old))
     rank = {b: i for i, b in enumerate(sorted(old))}
     return KVMove(old, [rank[b] for b in old], new_num_blocks, dropped)
 
@@ -144,6 +147,10 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.admit = True  # False while draining for a reconfiguration: queued requests wait
+        # Blocks whose KV was copied ahead into a pre-staged cache (under the same id). A block
+        # leaves the set when it is freed: until then it holds the same tokens (full blocks are
+        # never written again).
+        self.kv_staged: set[int] = set()
 
     def check(self, prompt_len: int, max_new_tokens: int) -> None:
         """Reject what can never run; raises RequestTooLong / QueueFull."""
@@ -206,7 +213,12 @@ class Scheduler:
 
     def plan_kv_move(self, new_num_blocks: int) -> KVMove:
         """How the running sequences' KV (oldest first) maps onto a cache of ``new_num_blocks``."""
-        return plan_kv_move([(s.request_id, list(s.block_table)) for s in self.running], new_num_blocks)
+        return plan_kv_move([(s.request_id, list(s.block_table)) for s in self.running], new_num_blocks,
+                            frozenset(self.kv_staged))
+
+    def full_blocks(self) -> list[int]:
+        """The running sequences' blocks whose every slot is computed (their KV is final)."""
+        return [b for s in self.running for b in s.block_table[: s.num_computed // self.cfg.block_size]]
 
     def preempt_all(self) -> None:
         """Send every running sequence back to the queue for recompute (newest ends up last)."""
@@ -225,6 +237,7 @@ class Scheduler:
                 seq.block_table = [remap[b] for b in seq.block_table]
         self.cfg = replace(self.cfg, num_blocks=move.new_num_blocks)
         self.alloc = BlockAllocator(move.new_num_blocks, self.cfg.block_size, frozenset(move.new_ids))
+        self.kv_staged.clear()
 
     def states(self) -> list[SequenceState]:
         return [
@@ -250,5 +263,6 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         self.alloc.free(seq.block_table)
+        self.kv_staged.difference_update(seq.block_table)
         seq.block_table = []
         seq.num_computed = 0

@@ -50,11 +50,16 @@ class PrestageRounds:
 
 
 @dataclass(frozen=True)
+class PrestageKV:
+    block_ids: list[int]
+
+
+@dataclass(frozen=True)
 class Stop:
     """Leave ``worker_loop`` (the caller decides what comes next)."""
 
 
-Command = Union[Step, Reconfigure, Prestage, PrestageRounds, Stop]
+Command = Union[Step, Reconfigure, Prestage, PrestageRounds, PrestageKV, Stop]
 
 
 def broadcast(obj: Any, group) -> Any:
@@ -88,6 +93,8 @@ class Worker:
             return rc.prestage(self, cmd.order)
         if isinstance(cmd, PrestageRounds):
             return rc.prestage_rounds(self, cmd.rounds)
+        if isinstance(cmd, PrestageKV):
+            return rc.prestage_kv(self, cmd.block_ids)
         if isinstance(cmd, Stop):
             return None
         raise TypeError(f"rank {self.rank}: no handler for command {cmd!r}")

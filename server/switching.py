@@ -93,7 +93,8 @@ class SwitchController:
                 listener(req.target)
         common = dict(source=tl.source, target=tl.target, downtime_s=times.downtime_s, pause_s=times.pause_s,
                       stall_s=times.stall_s, drain_s=times.drain_s, staging_s=times.staging_s,
-                      bytes_in_pause=tl.bytes_sent_in_pause, prestaged=tl.prestaged, rss_bytes=tl.rss_bytes)
+                      bytes_in_pause=tl.bytes_sent_in_pause, prestaged=tl.prestaged, rss_bytes=tl.rss_bytes,
+                      kv_blocks=tl.kv_blocks, kv_blocks_staged=tl.kv_blocks_staged)
         record = pb.SwitchRecord(mode=req.mode, committed=tl.committed, failed_phase=tl.failed_phase or "",
                                  error=tl.error or "", bytes_moved=tl.weights_moved + tl.kv_moved,
                                  started_unix=started, origin=req.origin, **common)
@@ -113,7 +114,7 @@ class SwitchController:
         t0 = time.perf_counter()
         source, target, reported = str(engine.topo), str(req.target), -1
         try:
-            job = engine.prestage(req.target, req.fault)
+            job = engine.prestage(req.target, req.fault, copy_kv=req.mode == "migrate")
         except Exception as e:
             return Timeline(source, target, "prestage", failed_phase="request", error=f"{type(e).__name__}: {e}")
         while True:
@@ -135,8 +136,8 @@ class SwitchController:
                                      seconds=times.staging_s, reason=f"{job.timeline.staging_refused}: "
                                      "the weights move in the pause instead"))
         else:
-            log.info("staged %s for %s in %.0f ms (%d chunks) while serving", target, source, times.staging_s * 1e3,
-                     job.chunks)
+            log.info("staged %s for %s in %.0f ms (%d chunks, %s KV blocks copied ahead) while serving", target, source,
+                     times.staging_s * 1e3, job.chunks, job.kv_blocks or 0)
         return None
 
     def _pause_and_switch(self, req: SwitchRequest, emit, times: SwitchTimes) -> tuple[Timeline, str]:

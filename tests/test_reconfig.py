@@ -127,8 +127,8 @@ def test_bytes_moved_equal_the_plan(run, llama_hf):
     assert len(committed) == 39
     for s in committed:
         tl = s["timeline"]
-        assert tl["bytes_sent"] == tl["weights_moved"] + tl["kv_moved"]
-        assert tl["kv_moved"] + tl["kv_kept"] == tl["kv_blocks"] * kv_block_bytes
+        assert tl["bytes_sent"] == tl["weights_moved"] + tl["kv_moved"] + tl["kv_moved_ahead"]
+        assert tl["kv_moved"] + tl["kv_kept"] == (tl["kv_blocks"] - tl["kv_blocks_staged"]) * kv_block_bytes
         assert tl["weights_moved"] + tl["weights_kept"] == s["param_bytes"], s["tag"]
         if tl["target"] == "TP1·PP1":  # one rank holds the whole model, once
             assert s["param_bytes"] == model_bytes
@@ -180,6 +180,10 @@ def test_prestaged_switch_moves_only_kv_in_the_pause(run):
         assert s["prestage"]["weights_moved"] > 0 and tl["weights_moved"] == s["prestage"]["weights_moved"]
         assert tl["bytes_sent_in_pause"] == tl["kv_moved"]  # the pause moved no weight bytes
         assert tl["kv_blocks"] > 0 and len(s["inflight"]) >= 3
+        # Full KV blocks were copied ahead (one step before the switch); the pause moved only the
+        # blocks written since, and the requests' tokens still equal HF's (test above).
+        assert s["kv_copied_ahead"] >= s["kv_still_staged"] == tl["kv_blocks_staged"] > 0
+        assert tl["kv_blocks_staged"] < tl["kv_blocks"] and tl["kv_moved_ahead"] > 0
 
 
 @pytest.mark.parametrize("phase", PHASES)

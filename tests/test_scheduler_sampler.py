@@ -48,6 +48,25 @@ def test_finish_frees_blocks_at_once():
     assert s.alloc.num_free == 8 and not s.has_work
 
 
+def test_blocks_copied_ahead_stay_out_of_the_move_until_freed():
+    """A pre-staged switch moves only blocks not copied ahead: a full block copied ahead stays
+    valid until it is freed (finish, preemption); renumbered ids invalidate every copy."""
+    s = Scheduler(SchedulerConfig(num_blocks=8, block_size=4, max_tokens_per_step=64))
+    a, b = seq("a", 9), seq("b", 6)
+    for x in (a, b):
+        s.add(x)
+    s.schedule()
+    a.num_computed, b.num_computed = 9, 6
+    assert s.full_blocks() == a.block_table[:2] + b.block_table[:1]  # a's 3rd and b's 2nd are partial
+    s.kv_staged = set(s.full_blocks())
+    assert s.plan_kv_move(8).staged == set(a.block_table[:2] + b.block_table[:1])
+    s.finish(a)  # its blocks may be handed to another request: no longer valid copies
+    assert s.plan_kv_move(8).staged == {b.block_table[0]} == {3}
+    assert s.plan_kv_move(2).renumbered and s.plan_kv_move(2).staged == frozenset()  # ids 3, 4 -> 0, 1
+    s._preempt(b)
+    assert s.kv_staged == set() and s.plan_kv_move(8).staged == frozenset()
+
+
 def test_limits():
     s = Scheduler(SchedulerConfig(num_blocks=4, block_size=4, max_queue=1, max_model_len=32))
     with pytest.raises(RequestTooLong, match="exceeds the model context of 32"):

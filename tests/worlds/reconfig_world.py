@@ -80,6 +80,7 @@ def drive(engine: Engine, job: dict, rt) -> dict:
             assert job.staged, job
             rec["prestage"] = dataclasses.asdict(job.timeline)
             rec["steps_while_staging"] = steps
+            rec["kv_copied_ahead"], rec["kv_still_staged"] = job.kv_blocks, len(engine.sched.kv_staged)
             inflight = {s.request_id: s.num_tokens for s in engine.sched.running if s.output}
             rec["inflight"] = inflight
         preempted_before = engine.sched.num_preemptions
