@@ -99,6 +99,10 @@ def test_thirty_streams_survive_three_switches(client, reference):
         assert [pb.ReconfigureEvent.Kind.Name(e.kind) for e in events][0] == "ACCEPTED"
         assert [e.phase for e in events if e.kind == pb.ReconfigureEvent.PHASE][-1] == "commit"
         assert_prestaged(events, last)
+        if mode == "migrate":  # full KV blocks were copied ahead while serving; the rest moved in the pause
+            assert 0 < last.kv_blocks_staged <= last.kv_blocks
+        else:  # recompute: no KV is migrated, none copied ahead
+            assert last.kv_blocks == last.kv_blocks_staged == 0
         outcomes.append(last.kind)
     for t in threads:
         t.join(timeout=300)
