@@ -1,4 +1,4 @@
-"""HF (Llama/Mistral/Qwen2) tensor names and layouts <-> megatron-core GPTModel state dict.
+"""HF (Llama/Mistral/Qwen2/Qwen3) tensor names and layouts <-> megatron-core GPTModel state dict.
 
 Pure tensor math, no I/O. Megatron fuses Q/K/V per query group ([q heads of group g, k_g, v_g]
 for g in groups) and gate/up into linear_fc1 ([gate; up]).
@@ -83,6 +83,9 @@ def rules(spec: ModelSpec) -> list[Rule]:
             ),
             Rule(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), _same, _one),
         ]
+        if spec.qk_norm:  # Qwen3: one RMSNorm weight over head_dim, shared by every head
+            out += [Rule(m + f"self_attention.{p}_layernorm.weight", (a + f"{p}_norm.weight",), _same, _one)
+                    for p in "qk"]
         if spec.qkv_bias:
             out.append(
                 Rule(

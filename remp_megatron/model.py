@@ -28,7 +28,7 @@ def megatron_config(spec: ModelSpec, topo: Topology, device: torch.device):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = spec.torch_dtype
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
         ffn_hidden_size=spec.intermediate_size,
@@ -58,15 +58,21 @@ def megatron_config(spec: ModelSpec, topo: Topology, device: torch.device):
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+        qk_layernorm=spec.qk_norm,
     )
+    if spec.rope.type == "yarn":  # megatron's rotary kernel scales cos/sin by this (MLA configs' fields)
+        config.yarn_rotary_scaling_factor = spec.rope.factor
+        config.yarn_mscale = spec.rope.mscale if spec.rope.mscale and spec.rope.mscale_all_dim else None
+        config.yarn_mscale_all_dim = spec.rope.mscale_all_dim if config.yarn_mscale else None
+    return config
 
 
-def layer_spec():
+def layer_spec(spec: ModelSpec):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
-    spec.submodules.self_attention.submodules.core_attention = PagedAttention
-    return spec
+    layer = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=spec.qk_norm))
+    layer.submodules.self_attention.submodules.core_attention = PagedAttention
+    return layer
 
 
 def build_stage_model(spec: ModelSpec, topo: Topology, pp_stage: int, device: torch.device):
@@ -75,7 +81,7 @@ def build_stage_model(spec: ModelSpec, topo: Topology, pp_stage: int, device: to
 
     model = GPTModel(
         config=megatron_config(spec, topo, device),
-        transformer_layer_spec=layer_spec(),
+        transformer_layer_spec=layer_spec(spec),
         vocab_size=spec.vocab_size,
         max_sequence_length=spec.max_position_embeddings,
         pre_process=pp_stage == 0,
@@ -105,11 +111,6 @@ def load_stage_weights(model, model_dir: str | Path) -> float:
         if missing or unexpected:
             raise RuntimeError(f"{checkpoint_dir}: missing {missing}, unexpected {unexpected}")
     return time.perf_counter() - t0
-
-
-def rope_table(model, max_positions: int) -> torch.Tensor:
-    """Megatron's RoPE frequencies for positions [0, max_positions): [max_positions, 1, 1, dim]."""
-    return model.rotary_pos_emb(max_positions)
 
 
 def shared_output_weight(model) -> Optional[torch.Tensor]:

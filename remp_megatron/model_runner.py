@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 
 from .kv_cache import KVCache
-from .model import rope_table, shared_output_weight
+from .model import shared_output_weight
 from .paged_attention import AttentionMetadata, forward_context
+from .rope import angle_table
 from .scheduler import StepPlan
 from .spec import ModelSpec
 from .topology import Topology
@@ -35,7 +36,7 @@ class ModelRunner:
         self.is_last = self.pp_stage == topo.pp - 1
         self.prev_rank = None if self.is_first else topo.rank_of(self.pp_stage - 1, self.tp_rank)
         self.next_rank = None if self.is_last else topo.rank_of(self.pp_stage + 1, self.tp_rank)
-        self.rope = rope_table(model, spec.max_position_embeddings)
+        self.rope = angle_table(spec.rope, spec.head_dim, spec.rope_theta, spec.max_position_embeddings).to(device)
 
     @torch.inference_mode()
     def run_step(self, plan: StepPlan, driver: int = 0) -> Optional[torch.Tensor]:

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, ValidationInfo, field_validator
+
+from .rope import RopeScaling, RopeType
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
 # Our field name -> the config.json field it came from, so errors name what the user wrote.
 _HF_FIELD = {
@@ -35,7 +38,7 @@ class SpecError(ValueError):
 class ModelSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    architecture: Literal["llama", "mistral", "qwen2"]
+    architecture: Literal["llama", "mistral", "qwen2", "qwen3"]
     vocab_size: PositiveInt
     hidden_size: PositiveInt
     intermediate_size: PositiveInt
@@ -44,10 +47,12 @@ class ModelSpec(BaseModel):
     num_kv_heads: PositiveInt
     head_dim: PositiveInt
     rope_theta: float
+    rope: RopeScaling = RopeScaling()
     rms_norm_eps: float
     max_position_embeddings: PositiveInt
     tie_word_embeddings: bool
     qkv_bias: bool
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's Q and K before RoPE
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     eos_token_ids: tuple[int, ...] = ()
 
@@ -78,14 +83,13 @@ class ModelSpec(BaseModel):
         if cfg.get("hidden_act", "silu") != "silu":
             raise fail("hidden_act", f"{cfg['hidden_act']!r} is not supported (only 'silu' / SwiGLU)")
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise fail("rope_parameters", f"rope_type {rope_type!r} is not supported (only 'default')")
+        rope_field = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+        scaling = _rope_scaling(rope, cfg, lambda key, why: fail(f"{rope_field}.{key}", why))
         for flag in ("mlp_bias",) + (("attention_bias",) if arch != "qwen2" else ()):
             if cfg.get(flag):
                 raise fail(flag, "biases outside Qwen2's QKV bias are not supported")
         sliding = cfg.get("use_sliding_window", cfg.get("sliding_window") is not None)
-        if arch in ("mistral", "qwen2") and sliding and cfg.get("sliding_window") is not None:
+        if arch in ("mistral", "qwen2", "qwen3") and sliding and cfg.get("sliding_window") is not None:
             raise fail("sliding_window", f"{cfg['sliding_window']} set; sliding-window attention is not supported")
         dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").replace("torch.", "")
         eos = cfg.get("eos_token_id")
@@ -100,10 +104,12 @@ class ModelSpec(BaseModel):
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads and cfg.get("hidden_size") else None),
             rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+            rope=scaling,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             max_position_embeddings=cfg.get("max_position_embeddings"),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2",
+            qk_norm=arch == "qwen3",
             dtype=dtype,
             eos_token_ids=tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []),
         )
@@ -124,3 +130,30 @@ class ModelSpec(BaseModel):
         except json.JSONDecodeError as e:
             raise SpecError(f"{path}: not valid JSON ({e})") from None
         return cls.from_hf_config(cfg, source=str(path))
+
+
+def _rope_scaling(rope: dict[str, Any], cfg: dict[str, Any], fail) -> RopeScaling:
+    """The scaling part of an HF RoPE config, with HF's defaults filled in."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in get_args(RopeType):
+        raise fail("rope_type", f"{rope_type!r} is not supported (supported: {', '.join(get_args(RopeType))})")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise fail("partial_rotary_factor", "partial rotary embeddings are not supported")
+    if rope_type == "yarn" and rope.get("attention_factor") is not None:
+        raise fail("attention_factor", "an explicit YaRN attention factor is not supported "
+                   "(leave it out: it is derived from factor, mscale and mscale_all_dim)")
+    values = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
+                                   "mscale", "mscale_all_dim", "truncate") if rope.get(k) is not None}
+    if rope_type in ("llama3", "yarn"):
+        original = rope.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings") \
+            or cfg.get("max_position_embeddings")
+        values["original_max_position_embeddings"] = original
+        if rope_type == "yarn" and "factor" not in values and original:
+            values["factor"] = cfg.get("max_position_embeddings", original) / original
+    if rope_type != "default" and "factor" not in values:
+        raise fail("factor", f"rope_type {rope_type!r} needs a scaling factor")
+    try:
+        return RopeScaling(type=rope_type, **values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise fail(".".join(map(str, err["loc"])) or "rope", err["msg"]) from None

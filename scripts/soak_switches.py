@@ -145,7 +145,8 @@ def main() -> None:
                                  "stall_s": last.stall_s, "drain_s": last.drain_s, "staging_s": last.staging_s,
                                  "downtime_s": last.downtime_s, "prestaged": last.prestaged,
                                  "bytes_in_pause": last.bytes_in_pause, "rss": ranks_rss(server),
-                                 "rss_reported": last.rss_bytes})
+                                 "rss_reported": last.rss_bytes, "kv_blocks": last.kv_blocks,
+                                 "kv_blocks_staged": last.kv_blocks_staged})
                     r = rows[-1]
                     save(args.out, cold_start, rss0, rows, streams, args)  # a stopped soak keeps what it measured
                     print(f"{i:3d} {r['source']} -> {r['target']} {mode:9s} "
@@ -179,7 +180,8 @@ def report(res: dict, args) -> str:
              f"failed: **{res['streams_failed']}**. Switches committed: "
              f"{sum(r['committed'] for r in rows)} of {len(rows)}.", "",
              "| mode | switches | pause p50 / p90 ms | stall p50 / p90 / max ms | drain p50 ms | staging p50 ms "
-             "| MiB in pause p50 | cold start ÷ stall p50 |", "|---|---|---|---|---|---|---|---|"]
+             "| MiB in pause p50 | KV blocks in pause / live p50 | cold start ÷ stall p50 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for mode in dict.fromkeys(args.modes):
         rs = [r for r in rows if r["mode"] == mode and r["committed"]]
         if not rs:
@@ -192,6 +194,8 @@ def report(res: dict, args) -> str:
             f"{max(stall) * 1e3:.0f} | {statistics.median(r['drain_s'] for r in rs) * 1e3:.0f} | "
             f"{statistics.median(r['staging_s'] for r in rs) * 1e3:.0f} | "
             f"{statistics.median(r['bytes_in_pause'] for r in rs) / 2**20:.1f} | "
+            f"{statistics.median(r['kv_blocks'] - r['kv_blocks_staged'] for r in rs):.0f} / "
+            f"{statistics.median(r['kv_blocks'] for r in rs):.0f} | "
             f"{res['cold_start_s'] / p50 if p50 > 0 else float('inf'):.0f}× |")
     lines += ["", "Ranks' RSS (summed, GiB) after start-up and after every 10th switch:", "",
               "| after switch | " + " | ".join(["start"] + [str(i + 1) for i in range(9, len(rows), 10)]) + " |",

@@ -35,18 +35,30 @@ def convert(*args, check: bool = True, timeout: float = 300) -> subprocess.Compl
     return run([sys.executable, "-m", "checkpoint_tools.convert", *map(str, args)], timeout, check=check)
 
 
+# Tiny architectures: (model class, config class, seed, extra config). The scaled-RoPE ones
+# put the tiny heads' wavelengths (6..6300 positions) across their scaling bands.
+TINY = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", 0, dict(rope_theta=10000.0)),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", 1, dict(rope_theta=50000.0)),
+    "llama3": ("LlamaForCausalLM", "LlamaConfig", 2, dict(rope_parameters=dict(
+        rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64))),
+    # Qwen3 (per-head Q/K RMSNorm, head_dim apart from hidden/heads) with YaRN (cos/sin scaled by 1.14).
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", 3, dict(head_dim=16, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=128))),
+}
+
+
 def tiny_hf(path: Path, arch: str, tied: bool, max_shard_size: str | None = None) -> Path:
     """A tiny random HF model with peaked logits (std 0.1) so greedy has no near-ties."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
-    torch.manual_seed(0 if arch == "llama" else 1)
+    model_cls, config_cls, seed, extra = TINY[arch]
+    torch.manual_seed(seed)
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
                   tie_word_embeddings=tied, rms_norm_eps=1e-5)
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(rope_theta=10000.0, **common))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(rope_theta=50000.0, **common))
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**common, **extra))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)
@@ -64,6 +76,30 @@ def llama_hf(tmp_path_factory) -> Path:
 def qwen2_hf(tmp_path_factory) -> Path:
     # Sharded on purpose: the importer must follow model.safetensors.index.json.
     return tiny_hf(tmp_path_factory.mktemp("hf") / "tiny-qwen2", "qwen2", tied=True, max_shard_size="100KB")
+
+
+@pytest.fixture(scope="session")
+def llama3_hf(tmp_path_factory) -> Path:
+    return tiny_hf(tmp_path_factory.mktemp("hf") / "tiny-llama3", "llama3", tied=False)
+
+
+@pytest.fixture(scope="session")
+def qwen3_hf(tmp_path_factory) -> Path:
+    return tiny_hf(tmp_path_factory.mktemp("hf") / "tiny-qwen3", "qwen3", tied=True)
+
+
+@pytest.fixture(scope="session")
+def llama3_mg(llama3_hf, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mg") / "tiny-llama3"
+    convert("import", llama3_hf, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen3_mg(qwen3_hf, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mg") / "tiny-qwen3"
+    convert("import", qwen3_hf, out)
+    return out
 
 
 @pytest.fixture(scope="session")

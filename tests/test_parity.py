@@ -126,31 +126,37 @@ def tiny_prompts():
 
 
 @pytest.fixture(scope="module")
-def tiny_results(llama_mg, qwen2_mg, tiny_prompts, tmp_path_factory):
+def tiny_results(llama_mg, qwen2_mg, llama3_mg, qwen3_mg, tiny_prompts, tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-logits")
     (d / "prompts.json").write_text(json.dumps(tiny_prompts))
-    torchrun("logits_world.py", 4, ["--models", llama_mg, qwen2_mg, "--topologies", *TINY_TOPOLOGIES,
+    models = [llama_mg, qwen2_mg, llama3_mg, qwen3_mg]
+    torchrun("logits_world.py", 4, ["--models", *models, "--topologies", *TINY_TOPOLOGIES,
                                     "--dtypes", *DTYPES, "--prompts", d / "prompts.json", "--out", d], timeout=600)
     return d
 
 
 @pytest.fixture(scope="module")
-def tiny_oracles(llama_hf, qwen2_hf, tiny_prompts) -> dict[str, Oracle]:
+def tiny_oracles(request, tiny_prompts) -> dict[str, Oracle]:
     from transformers import AutoModelForCausalLM
 
-    return {which: hf_oracle(AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval(), tiny_prompts)
-            for which, path in (("llama", llama_hf), ("qwen2", qwen2_hf))}
+    return {which: hf_oracle(AutoModelForCausalLM.from_pretrained(str(request.getfixturevalue(f"{which}_hf")),
+                                                                  dtype=torch.float32).eval(), tiny_prompts)
+            for which in TINY_MODELS}
+
+
+# llama3: Llama 3.x RoPE scaling; qwen3: Qwen3 QK-norm with YaRN (conftest.TINY).
+TINY_MODELS = ["llama", "qwen2", "llama3", "qwen3"]
 
 
 @pytest.mark.parametrize("topo", TINY_TOPOLOGIES)
-@pytest.mark.parametrize("which", ["llama", "qwen2"])
+@pytest.mark.parametrize("which", TINY_MODELS)
 def test_tiny_logits_match_hf_fp64(which, topo, tiny_results, tiny_oracles):
     """Exact to fp64 rounding: max|Δ| <= FP64_REL x max|ref| (module docstring)."""
     assert_fp64_exact(load_ours(tiny_results, f"tiny-{which}", "float64", topo)["logits"], tiny_oracles[which].fp64)
 
 
 @pytest.mark.parametrize("topo", TINY_TOPOLOGIES)
-@pytest.mark.parametrize("which", ["llama", "qwen2"])
+@pytest.mark.parametrize("which", TINY_MODELS)
 def test_tiny_logits_match_hf_fp32(which, topo, tiny_results, tiny_oracles):
     """fp32 within K_FP32 x HF's own summation-order discrepancy (assert_fp32_within_hf_rounding)."""
     assert_fp32_within_hf_rounding(load_ours(tiny_results, f"tiny-{which}", "float32", topo)["logits"],

@@ -40,7 +40,14 @@ def test_qwen2_has_qkv_bias_and_mistral_without_window():
     [
         ({"architectures": ["GPT2LMHeadModel"]}, "architectures"),
         ({"hidden_act": "gelu"}, "hidden_act"),
-        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}}, "rope_parameters"),
+        ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1.0}}, "rope_parameters.rope_type"),
+        ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1.0}}, "rope_parameters.factor"),
+        ({"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": -2.0}}, "rope_scaling.factor"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "attention_factor": 1.2}},
+         "rope_parameters.attention_factor"),
+        ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}},
+         "rope_parameters.partial_rotary_factor"),
+        ({"architectures": ["Qwen3ForCausalLM"], "use_sliding_window": True, "sliding_window": 64}, "sliding_window"),
         ({"architectures": ["MistralForCausalLM"], "sliding_window": 4096}, "sliding_window"),
         ({"attention_bias": True}, "attention_bias"),
         ({"num_hidden_layers": None}, "num_hidden_layers"),
@@ -52,6 +59,43 @@ def test_qwen2_has_qkv_bias_and_mistral_without_window():
 def test_bad_config_names_the_field(over, field):
     with pytest.raises(SpecError, match=f"field '{field}'"):
         spec(**over)
+
+
+ROPE_CASES = [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "dynamic", "factor": 2.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": 16.0,
+     "mscale": 0.707, "mscale_all_dim": 1.0, "truncate": False},
+]
+
+
+@pytest.mark.parametrize("rope", ROPE_CASES, ids=lambda r: r["rope_type"])
+def test_rope_scaling_equals_hf_bit_for_bit(rope):
+    """Inverse frequencies and YaRN's cos/sin factor exactly as transformers computes them
+    (dynamic: HF's values for sequences within max_position_embeddings, our context limit)."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from remp_megatron.rope import attention_factor, inv_freq
+
+    cfg = {**LLAMA, "rope_parameters": {**rope, "rope_theta": 10000.0}}
+    hf = LlamaConfig(**{k: v for k, v in cfg.items() if k != "architectures"})
+    want, want_factor = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf, "cpu")
+    s = ModelSpec.from_hf_config(cfg)
+    got = inv_freq(s.rope, s.head_dim, s.rope_theta)
+    assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
+    assert attention_factor(s.rope) == want_factor
+    default = inv_freq(spec().rope, s.head_dim, s.rope_theta)
+    assert rope["rope_type"] == "dynamic" or not torch.equal(got, default)  # the scaling did something
+
+
+def test_qwen3_has_qk_norm_and_no_qkv_bias():
+    s = spec(architectures=["Qwen3ForCausalLM"], head_dim=16)
+    assert s.architecture == "qwen3" and s.qk_norm and not s.qkv_bias and s.head_dim == 16
 
 
 def test_from_file_errors_name_the_file(tmp_path):
