@@ -60,7 +60,8 @@ class ModelRunner:
                 from_last.append(buf)
         results = []
         for i, mb in enumerate(mbs):
-            meta = AttentionMetadata.build(mb.starts, mb.query_lens, mb.block_tables, self.kv.block_size, self.device)
+            meta = AttentionMetadata.build(mb.starts, mb.query_lens, mb.block_tables, self.kv.block_size, self.device,
+                                           self.spec.sliding_window, self.spec.sliding_layers)
             hidden = self._stage_forward(mb, meta, tag=i)
             if not self.is_last:
                 pending.append(dist.isend(hidden, dst=self.next_rank, tag=i))

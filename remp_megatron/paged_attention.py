@@ -32,6 +32,7 @@ class AttentionGroup:
     kv_slots: torch.Tensor  # [B, Lmax] cache slot of each key (the sequence's first slot where padding)
     mask: torch.Tensor  # [B, 1, Qmax, Lmax] True where a query may attend
     rows: torch.Tensor  # [real queries] their packed rows, in the order q_valid selects them
+    window_mask: Optional[torch.Tensor] = None  # the mask of sliding-window layers
 
 
 @dataclass
@@ -43,10 +44,13 @@ class AttentionMetadata:
     positions: torch.Tensor  # [T] position of each new token
     slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
     groups: list[AttentionGroup]
+    window_layers: frozenset[int] = frozenset()  # global 0-based layers that use window_mask
 
     @classmethod
     def build(cls, starts: list[int], query_lens: list[int], block_tables: list[list[int]], block_size: int,
-              device) -> "AttentionMetadata":
+              device, window: Optional[int] = None, window_layers: tuple[int, ...] = ()) -> "AttentionMetadata":
+        """``window``: in ``window_layers`` a query at position p sees keys in (p - window, p]
+        (HF's sliding window). All keys stay cached; the mask hides the old ones."""
         start, n = torch.tensor(starts), torch.tensor(query_lens)
         offset = torch.cumsum(n, 0) - n
         width = max(map(len, block_tables))
@@ -71,11 +75,17 @@ class AttentionMetadata:
             kv_slots = torch.where(k_valid, slots(rows, torch.where(k_valid, k, 0)), slots(rows, k[:, :1]))
             # Causal: key position <= query position. Padded query rows (past the sequence end)
             # then see only real keys, so no row is fully masked (no NaN), and they are dropped.
-            mask = k[:, None, :] <= (start[rows, None] + q)[:, :, None]
+            qpos_rows = (start[rows, None] + q)[:, :, None]
+            mask = k[:, None, :] <= qpos_rows
+            # Padded query rows keep the plain causal mask: a window could leave them no key.
+            window_mask = None if window is None else \
+                mask & ((k[:, None, :] > qpos_rows - window) | ~q_valid[:, :, None])
             q_index = torch.where(q_valid, offset[rows, None] + q, 0)
             groups.append(AttentionGroup(q_index.to(device), q_valid.to(device), kv_slots.to(device),
-                                         mask[:, None].to(device), q_index[q_valid].to(device)))
-        return cls(positions.to(device), slot_mapping.to(device), groups)
+                                         mask[:, None].to(device), q_index[q_valid].to(device),
+                                         None if window_mask is None else window_mask[:, None].to(device)))
+        return cls(positions.to(device), slot_mapping.to(device), groups,
+                   frozenset(window_layers) if window is not None else frozenset())
 
 
 @dataclass
@@ -117,12 +127,13 @@ class PagedAttention(torch.nn.Module):
 
         q_packed = query[:, 0]
         out = torch.empty_like(q_packed)
+        windowed = self.layer_number - 1 in meta.window_layers
         for g in meta.groups:  # one SDPA per group for all its sequences
             o = F.scaled_dot_product_attention(
                 q_packed[g.q_index].transpose(1, 2),  # [B, heads, Qmax, dim]
                 k_cache[g.kv_slots].transpose(1, 2),  # [B, kv_heads, Lmax, dim]
                 v_cache[g.kv_slots].transpose(1, 2),
-                attn_mask=g.mask, scale=self.softmax_scale, enable_gqa=True,
+                attn_mask=g.window_mask if windowed else g.mask, scale=self.softmax_scale, enable_gqa=True,
             )
             out[g.rows] = o.transpose(1, 2)[g.q_valid]
         return out.reshape(out.shape[0], 1, -1)

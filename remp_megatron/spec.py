@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Optional, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, ValidationInfo, field_validator
@@ -53,6 +53,8 @@ class ModelSpec(BaseModel):
     tie_word_embeddings: bool
     qkv_bias: bool
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's Q and K before RoPE
+    sliding_window: Optional[PositiveInt] = None  # a query sees only the last this-many positions...
+    sliding_layers: tuple[int, ...] = ()  # ...in these layers (0-based); the others attend to everything
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     eos_token_ids: tuple[int, ...] = ()
 
@@ -88,9 +90,7 @@ class ModelSpec(BaseModel):
         for flag in ("mlp_bias",) + (("attention_bias",) if arch != "qwen2" else ()):
             if cfg.get(flag):
                 raise fail(flag, "biases outside Qwen2's QKV bias are not supported")
-        sliding = cfg.get("use_sliding_window", cfg.get("sliding_window") is not None)
-        if arch in ("mistral", "qwen2", "qwen3") and sliding and cfg.get("sliding_window") is not None:
-            raise fail("sliding_window", f"{cfg['sliding_window']} set; sliding-window attention is not supported")
+        window, window_layers = _sliding_window(arch, cfg, fail)
         dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").replace("torch.", "")
         eos = cfg.get("eos_token_id")
         heads = cfg.get("num_attention_heads")
@@ -110,6 +110,8 @@ class ModelSpec(BaseModel):
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2",
             qk_norm=arch == "qwen3",
+            sliding_window=window,
+            sliding_layers=window_layers,
             dtype=dtype,
             eos_token_ids=tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []),
         )
@@ -157,3 +159,22 @@ def _rope_scaling(rope: dict[str, Any], cfg: dict[str, Any], fail) -> RopeScalin
     except ValidationError as e:
         err = e.errors()[0]
         raise fail(".".join(map(str, err["loc"])) or "rope", err["msg"]) from None
+
+
+def _sliding_window(arch: str, cfg: dict[str, Any], fail) -> tuple[Optional[int], tuple[int, ...]]:
+    """The window and the layers that use it, as HF's Mistral / Qwen2 / Qwen3 decide them."""
+    window = cfg.get("sliding_window")
+    if arch == "llama" or window is None or (arch != "mistral" and not cfg.get("use_sliding_window", False)):
+        return None, ()
+    layers = cfg.get("num_hidden_layers") or 0
+    types = cfg.get("layer_types")
+    if types is not None:
+        unknown = set(types) - {"sliding_attention", "full_attention"}
+        if unknown:
+            raise fail("layer_types", f"{sorted(unknown)} not supported (only sliding_attention, full_attention)")
+        sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    elif arch == "mistral":  # every layer
+        sliding = tuple(range(layers))
+    else:  # Qwen2/Qwen3: the layers from max_window_layers on
+        sliding = tuple(range(cfg.get("max_window_layers", 28), layers))
+    return (window, sliding) if sliding else (None, ())

@@ -67,6 +67,13 @@ def tiny_hf(path: Path, arch: str, tied: bool, max_shard_size: str | None = None
     return path
 
 
+def imported(hf: Path, tmp_path_factory) -> Path:
+    """``remp-convert import`` of an HF dir into a converted dir of the same name."""
+    out = tmp_path_factory.mktemp("mg") / hf.name
+    convert("import", hf, out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def llama_hf(tmp_path_factory) -> Path:
     return tiny_hf(tmp_path_factory.mktemp("hf") / "tiny-llama", "llama", tied=False)
@@ -90,30 +97,22 @@ def qwen3_hf(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def llama3_mg(llama3_hf, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("mg") / "tiny-llama3"
-    convert("import", llama3_hf, out)
-    return out
+    return imported(llama3_hf, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def qwen3_mg(qwen3_hf, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("mg") / "tiny-qwen3"
-    convert("import", qwen3_hf, out)
-    return out
+    return imported(qwen3_hf, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def llama_mg(llama_hf, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("mg") / "tiny-llama"
-    convert("import", llama_hf, out)
-    return out
+    return imported(llama_hf, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def qwen2_mg(qwen2_hf, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("mg") / "tiny-qwen2"
-    convert("import", qwen2_hf, out)
-    return out
+    return imported(qwen2_hf, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

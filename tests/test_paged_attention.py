@@ -19,13 +19,15 @@ class _Cfg:
     kv_channels = DIM
 
 
-def reference(query, k_cache, v_cache, starts, lens, tables):
+def reference(query, k_cache, v_cache, starts, lens, tables, window=None):
     out, row = [], 0
     for start, n, table in zip(starts, lens, tables):
         pos = torch.arange(start + n)
         slots = torch.tensor(table)[pos // BLOCK] * BLOCK + pos % BLOCK
         q = query[row:row + n, 0].transpose(0, 1)
         mask = pos[None, :] <= pos[start:, None]
+        if window is not None:  # HF's sliding window: keys in (p - window, p]
+            mask &= pos[None, :] > pos[start:, None] - window
         o = F.scaled_dot_product_attention(q, k_cache[slots].transpose(0, 1), v_cache[slots].transpose(0, 1),
                                            attn_mask=mask, scale=1 / math.sqrt(DIM), enable_gqa=True)
         out.append(o.transpose(0, 1))
@@ -39,7 +41,8 @@ def reference(query, k_cache, v_cache, starts, lens, tables):
     ([16, 4], [6, 12]),  # later prefill chunks only
     ([0], [1]),
 ])
-def test_batched_equals_per_sequence(starts, lens):
+@pytest.mark.parametrize("window", [None, 5])
+def test_batched_equals_per_sequence(starts, lens, window):
     g = torch.Generator().manual_seed(sum(starts) + len(lens))
     perm = torch.randperm(BLOCKS, generator=g).tolist()  # scattered physical blocks
     tables, used = [], 0
@@ -60,11 +63,16 @@ def test_batched_equals_per_sequence(starts, lens):
     k = torch.randn(t, 1, KV_HEADS, DIM, generator=g, dtype=torch.float64)
     v = torch.randn(t, 1, KV_HEADS, DIM, generator=g, dtype=torch.float64)
 
-    meta = AttentionMetadata.build(starts, lens, tables, BLOCK, torch.device("cpu"))
+    # With a window, layer 0 slides and layer 1 (same cache contents) attends to everything.
+    meta = AttentionMetadata.build(starts, lens, tables, BLOCK, torch.device("cpu"), window, (0,))
     assert meta.positions.tolist() == [p for s, n in zip(starts, lens) for p in range(s, s + n)]
-    with forward_context(meta, kv):
+    kv1 = KVCache(kv.buffer.expand(2, 2, *kv.buffer.shape[2:]).clone(), first_layer=0)
+    with forward_context(meta, kv1):
         got = PagedAttention(_Cfg, 1, None, None)(q, k, v, None)
-    want = reference(q, k_cache, v_cache, starts, lens, tables)
+        full = PagedAttention(_Cfg, 2, None, None)(q, k, v, None)
+    want = reference(q, *kv1.layer(0), starts, lens, tables, window)
     assert got.shape == (t, 1, HEADS * DIM)
     # fp64, same math in another summation order: rounding only.
     torch.testing.assert_close(got.reshape(t, HEADS, DIM), want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(full.reshape(t, HEADS, DIM), reference(q, *kv1.layer(1), starts, lens, tables),
+                               rtol=0, atol=1e-12)

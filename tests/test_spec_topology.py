@@ -31,8 +31,20 @@ def test_legacy_rope_theta_and_explicit_head_dim():
 
 
 def test_qwen2_has_qkv_bias_and_mistral_without_window():
-    assert spec(architectures=["Qwen2ForCausalLM"], use_sliding_window=False, sliding_window=4096).qkv_bias
-    assert spec(architectures=["MistralForCausalLM"], sliding_window=None).architecture == "mistral"
+    s = spec(architectures=["Qwen2ForCausalLM"], use_sliding_window=False, sliding_window=4096)
+    assert s.qkv_bias and s.sliding_window is None
+    s = spec(architectures=["MistralForCausalLM"], sliding_window=None)
+    assert s.architecture == "mistral" and s.sliding_window is None and s.sliding_layers == ()
+
+
+def test_sliding_window_layers_as_hf_decides_them():
+    assert spec(architectures=["MistralForCausalLM"], sliding_window=64).sliding_layers == tuple(range(8))
+    qwen = spec(architectures=["Qwen2ForCausalLM"], use_sliding_window=True, sliding_window=64, max_window_layers=5)
+    assert (qwen.sliding_window, qwen.sliding_layers) == (64, (5, 6, 7))
+    types = ["full_attention", "sliding_attention"] * 4
+    assert spec(architectures=["Qwen3ForCausalLM"], use_sliding_window=True, sliding_window=32,
+                layer_types=types).sliding_layers == (1, 3, 5, 7)
+    assert spec(sliding_window=64).sliding_window is None  # Llama has no sliding window
 
 
 @pytest.mark.parametrize(
@@ -47,9 +59,9 @@ def test_qwen2_has_qkv_bias_and_mistral_without_window():
          "rope_parameters.attention_factor"),
         ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}},
          "rope_parameters.partial_rotary_factor"),
-        ({"architectures": ["Qwen3ForCausalLM"], "use_sliding_window": True, "sliding_window": 64}, "sliding_window"),
-        ({"architectures": ["MistralForCausalLM"], "sliding_window": 4096}, "sliding_window"),
         ({"attention_bias": True}, "attention_bias"),
+        ({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True, "sliding_window": 64,
+          "layer_types": ["chunked_attention"] * 8}, "layer_types"),
         ({"num_hidden_layers": None}, "num_hidden_layers"),
         ({"vocab_size": -3}, "vocab_size"),
         ({"num_key_value_heads": 3}, "num_key_value_heads"),
