@@ -43,9 +43,11 @@ TINY = {
     "llama3": ("LlamaForCausalLM", "LlamaConfig", 2, dict(rope_parameters=dict(
         rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=64))),
-    # Qwen3 (per-head Q/K RMSNorm, head_dim apart from hidden/heads) with YaRN (cos/sin scaled by 1.14).
-    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", 3, dict(head_dim=16, rope_parameters=dict(
-        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=128))),
+    # Qwen3 (per-head Q/K RMSNorm, head_dim apart from hidden/heads) with YaRN (cos/sin scaled by
+    # 1.14) and a 16-token sliding window in layers 4-7 (the test prompts are up to 41 tokens).
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", 3, dict(
+        head_dim=16, use_sliding_window=True, sliding_window=16, max_window_layers=4,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=128))),
 }
 
 
