@@ -37,19 +37,6 @@ def _base_exponents(dim: int) -> torch.Tensor:
     return torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim
 
 
-def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def attention_factor(r: RopeScaling) -> float:
-    """The factor cos and sin are multiplied by (YaRN; 1 for the other types)."""
-    if r.type != "yarn":
-        return 1.0
-    if r.mscale and r.mscale_all_dim:
-        return float(yarn_mscale(r.factor, r.mscale) / yarn_mscale(r.factor, r.mscale_all_dim))
-    return yarn_mscale(r.factor)
-
-
 def inv_freq(r: RopeScaling, head_dim: int, theta: float) -> torch.Tensor:
     """[head_dim / 2] inverse frequencies in fp32, bit for bit HF's."""
     dim = head_dim

@@ -92,7 +92,12 @@ def test_rope_scaling_equals_hf_bit_for_bit(rope):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from remp_megatron.rope import attention_factor, inv_freq
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import \
+        _yarn_get_concentration_factor_from_config as served_factor
+
+    from remp_megatron.model import megatron_config
+    from remp_megatron.rope import inv_freq
+    from remp_megatron.topology import Topology
 
     cfg = {**LLAMA, "rope_parameters": {**rope, "rope_theta": 10000.0}}
     hf = LlamaConfig(**{k: v for k, v in cfg.items() if k != "architectures"})
@@ -100,7 +105,8 @@ def test_rope_scaling_equals_hf_bit_for_bit(rope):
     s = ModelSpec.from_hf_config(cfg)
     got = inv_freq(s.rope, s.head_dim, s.rope_theta)
     assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
-    assert attention_factor(s.rope) == want_factor
+    # YaRN's cos/sin factor, as megatron's rotary kernel will read it from our config.
+    assert served_factor(megatron_config(s, Topology(1, 1), torch.device("cpu"))) == want_factor
     default = inv_freq(spec().rope, s.head_dim, s.rope_theta)
     assert rope["rope_type"] == "dynamic" or not torch.equal(got, default)  # the scaling did something
 
