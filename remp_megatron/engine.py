@@ -220,12 +220,6 @@ class Engine:
             if out.finished:
                 self._finish(seq, out.finish_reason, emit=False)
 
-    @property
-    def prestaged(self) -> Optional[Topology]:
-        """The target whose weights are fully pre-staged, if any."""
-        st = self.worker.staged
-        return st.target if st is not None and st.complete else None
-
     def prestage(self, target: Topology, fault: Optional[Fault] = None, bucket_mb: float = 16,
                  copy_kv: bool = True) -> Staging:
         """Start staging ``target``'s weight shards and KV cache while the current topology

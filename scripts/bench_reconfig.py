@@ -88,11 +88,11 @@ def serve(args) -> None:
                 tokens = in_flight()
                 if prestaged:
                     t_stage = time.perf_counter()
-                    engine.prestage(dst)
-                    steps = 0
-                    while engine.prestaged is None:
+                    job, steps = engine.prestage(dst), 0
+                    while not job.done.is_set():  # weights, then the full KV blocks copied ahead
                         engine.step()
                         steps += 1
+                    assert job.staged and job.kv_blocks, job
                     staging = time.perf_counter() - t_stage
                     tokens = [s.prompt + s.output for s in engine.sched.running]
                 t0 = time.perf_counter()
