@@ -1,7 +1,8 @@
-"""HF (Llama/Mistral/Qwen2/Qwen3) tensor names and layouts <-> megatron-core GPTModel state dict.
+"""HF (Llama/Mistral/Qwen2/Qwen3/Mixtral/Qwen3-MoE) tensor names and layouts <-> megatron-core
+GPTModel state dict.
 
 Pure tensor math, no I/O. Megatron fuses Q/K/V per query group ([q heads of group g, k_g, v_g]
-for g in groups) and gate/up into linear_fc1 ([gate; up]).
+for g in groups) and gate/up into linear_fc1 ([gate; up]), in dense MLPs and in each expert.
 """
 from __future__ import annotations
 
@@ -75,14 +76,11 @@ def rules(spec: ModelSpec) -> list[Rule]:
             ),
             Rule(m + "self_attention.linear_proj.weight", (a + "o_proj.weight",), _same, _one),
             Rule(m + "pre_mlp_layernorm.weight", (h + "post_attention_layernorm.weight",), _same, _one),
-            Rule(
-                m + "mlp.linear_fc1.weight",
-                (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"),
-                _cat,
-                _halves,
-            ),
-            Rule(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), _same, _one),
         ]
+        if spec.moe is not None and i in spec.moe.layers:
+            out += _moe_rules(spec, m + "mlp.", h)
+        else:
+            out += _swiglu_rules(m + "mlp.", h + "mlp.", ("gate_proj", "up_proj", "down_proj"))
         if spec.qk_norm:  # Qwen3: one RMSNorm weight over head_dim, shared by every head
             out += [Rule(m + f"self_attention.{p}_layernorm.weight", (a + f"{p}_norm.weight",), _same, _one)
                     for p in "qk"]
@@ -98,6 +96,23 @@ def rules(spec: ModelSpec) -> list[Rule]:
     out.append(Rule("decoder.final_layernorm.weight", ("model.norm.weight",), _same, _one))
     if not spec.tie_word_embeddings:
         out.append(Rule("output_layer.weight", ("lm_head.weight",), _same, _one))
+    return out
+
+
+def _swiglu_rules(m: str, h: str, names: tuple[str, str, str]) -> list[Rule]:
+    gate, up, down = (h + n + ".weight" for n in names)
+    return [Rule(m + "linear_fc1.weight", (gate, up), _cat, _halves), Rule(m + "linear_fc2.weight", (down,), _same, _one)]
+
+
+def _moe_rules(spec: ModelSpec, m: str, layer: str) -> list[Rule]:
+    """Router and experts; megatron's state dict names experts by their index at TP1·PP1·EP1."""
+    if spec.architecture == "mixtral":
+        h, names = layer + "block_sparse_moe.", ("w1", "w3", "w2")
+    else:
+        h, names = layer + "mlp.", ("gate_proj", "up_proj", "down_proj")
+    out = [Rule(m + "router.weight", (h + "gate.weight",), _same, _one)]
+    for e in range(spec.moe.num_experts):
+        out += _swiglu_rules(m + f"experts.local_experts.{e}.", h + f"experts.{e}.", names)
     return out
 
 

@@ -56,6 +56,8 @@ def activate(topo: Topology) -> None:
         ps.initialize_model_parallel(
             tensor_model_parallel_size=topo.tp,
             pipeline_model_parallel_size=topo.pp,
+            expert_model_parallel_size=topo.ep,
+            expert_tensor_parallel_size=topo.expert_tp,
             order=MEGATRON_ORDER,
             create_gloo_process_groups=False,
         )

@@ -1,7 +1,8 @@
 """Megatron-core GPTModel for (spec, topology, this rank), and loading its shard.
 
-The model is stock megatron-core (local spec: RMSNorm, SwiGLU, GQA, RoPE, TP linears) with
-one substitution: ``core_attention`` is our ``PagedAttention``.
+The model is stock megatron-core (local spec: RMSNorm, SwiGLU, GQA, RoPE, TP linears; MoE
+layers with megatron's experts and all-gather token dispatcher) with two substitutions:
+``core_attention`` is our ``PagedAttention``, the MoE router computes with HF's arithmetic.
 """
 from __future__ import annotations
 
@@ -60,6 +61,21 @@ def megatron_config(spec: ModelSpec, topo: Topology, device: torch.device):
         gradient_accumulation_fusion=False,
         qk_layernorm=spec.qk_norm,
     )
+    if spec.moe is not None:
+        moe = spec.moe
+        config.num_moe_experts = moe.num_experts
+        config.moe_router_topk = moe.top_k
+        config.moe_ffn_hidden_size = moe.intermediate_size
+        config.moe_router_pre_softmax = not moe.normalize
+        if len(moe.layers) < spec.num_layers:  # a pattern: megatron then keys the checkpoint per layer
+            config.moe_layer_freq = [int(i in moe.layers) for i in range(spec.num_layers)]
+        config.moe_router_load_balancing_type = "none"  # inference: no auxiliary losses
+        config.moe_aux_loss_coeff = 0.0
+        # Tokens are replicated over a stage's TP ranks (no sequence parallelism): all-gather
+        # over TP×EP and reduce-scatter back is correct for that, and gloo has no all-to-all.
+        config.moe_token_dispatcher_type = "allgather"
+        config.expert_model_parallel_size = topo.ep
+        config.expert_tensor_parallel_size = topo.expert_tp
     if spec.rope.type == "yarn":  # megatron's rotary kernel scales cos/sin by this (MLA configs' fields)
         config.yarn_rotary_scaling_factor = spec.rope.factor
         config.yarn_mscale = spec.rope.mscale if spec.rope.mscale and spec.rope.mscale_all_dim else None
@@ -67,12 +83,27 @@ def megatron_config(spec: ModelSpec, topo: Topology, device: torch.device):
     return config
 
 
-def layer_spec(spec: ModelSpec):
+def _layer_spec(spec: ModelSpec, moe: bool):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    layer = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=spec.qk_norm))
+    from .router import HFTopKRouter
+
+    layer = copy.deepcopy(get_gpt_layer_local_spec(num_experts=spec.moe.num_experts if moe else None,
+                                                   normalization="RMSNorm", qk_layernorm=spec.qk_norm))
     layer.submodules.self_attention.submodules.core_attention = PagedAttention
+    if moe:
+        layer.submodules.mlp.submodules.router = HFTopKRouter
     return layer
+
+
+def block_spec(spec: ModelSpec, topo: Topology, pp_stage: int):
+    """The layers of one stage: dense or MoE, each as the checkpoint has it."""
+    from megatron.core.transformer.transformer_block import LayerNormImpl, TransformerBlockSubmodules
+
+    dense = _layer_spec(spec, moe=False)
+    moe = _layer_spec(spec, moe=True) if spec.moe else None
+    layers = [moe if spec.moe and i in spec.moe.layers else dense for i in topo.stage_layers(spec.num_layers, pp_stage)]
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=LayerNormImpl)
 
 
 def build_stage_model(spec: ModelSpec, topo: Topology, pp_stage: int, device: torch.device):
@@ -81,7 +112,7 @@ def build_stage_model(spec: ModelSpec, topo: Topology, pp_stage: int, device: to
 
     model = GPTModel(
         config=megatron_config(spec, topo, device),
-        transformer_layer_spec=layer_spec(spec),
+        transformer_layer_spec=block_spec(spec, topo, pp_stage),
         vocab_size=spec.vocab_size,
         max_sequence_length=spec.max_position_embeddings,
         pre_process=pp_stage == 0,

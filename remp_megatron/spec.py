@@ -19,7 +19,10 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
+Architecture = Literal["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe"]
 # Our field name -> the config.json field it came from, so errors name what the user wrote.
 _HF_FIELD = {
     "num_layers": "num_hidden_layers",
@@ -35,10 +38,31 @@ class SpecError(ValueError):
     """A config.json we cannot serve; the message names the file and the field."""
 
 
+class MoE(BaseModel):
+    """Mixture of experts in the MLP of ``layers``: each token goes to ``top_k`` of ``num_experts``
+    SwiGLU experts, weighted by the router's softmax (renormalised over the top k if ``normalize``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_experts: PositiveInt
+    top_k: PositiveInt
+    intermediate_size: PositiveInt  # of each expert
+    normalize: bool
+    layers: tuple[int, ...]  # 0-based; the other layers keep a dense MLP
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_at_most_experts(cls, v: int, info: ValidationInfo) -> int:
+        experts = info.data.get("num_experts")
+        if experts and v > experts:
+            raise ValueError(f"num_experts_per_tok={v} exceeds the number of experts {experts}")
+        return v
+
+
 class ModelSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    architecture: Literal["llama", "mistral", "qwen2", "qwen3"]
+    architecture: Architecture
     vocab_size: PositiveInt
     hidden_size: PositiveInt
     intermediate_size: PositiveInt
@@ -55,6 +79,7 @@ class ModelSpec(BaseModel):
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's Q and K before RoPE
     sliding_window: Optional[PositiveInt] = None  # a query sees only the last this-many positions...
     sliding_layers: tuple[int, ...] = ()  # ...in these layers (0-based); the others attend to everything
+    moe: Optional[MoE] = None
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     eos_token_ids: tuple[int, ...] = ()
 
@@ -91,6 +116,7 @@ class ModelSpec(BaseModel):
             if cfg.get(flag):
                 raise fail(flag, "biases outside Qwen2's QKV bias are not supported")
         window, window_layers = _sliding_window(arch, cfg, fail)
+        moe = _moe(arch, cfg, fail)
         dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").replace("torch.", "")
         eos = cfg.get("eos_token_id")
         heads = cfg.get("num_attention_heads")
@@ -109,9 +135,10 @@ class ModelSpec(BaseModel):
             max_position_embeddings=cfg.get("max_position_embeddings"),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2",
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "qwen3_moe"),
             sliding_window=window,
             sliding_layers=window_layers,
+            moe=moe,
             dtype=dtype,
             eos_token_ids=tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []),
         )
@@ -164,7 +191,8 @@ def _rope_scaling(rope: dict[str, Any], cfg: dict[str, Any], fail) -> RopeScalin
 def _sliding_window(arch: str, cfg: dict[str, Any], fail) -> tuple[Optional[int], tuple[int, ...]]:
     """The window and the layers that use it, as HF's Mistral / Qwen2 / Qwen3 decide them."""
     window = cfg.get("sliding_window")
-    if arch == "llama" or window is None or (arch != "mistral" and not cfg.get("use_sliding_window", False)):
+    every_layer = arch in ("mistral", "mixtral")
+    if arch == "llama" or window is None or (not every_layer and not cfg.get("use_sliding_window", False)):
         return None, ()
     layers = cfg.get("num_hidden_layers") or 0
     types = cfg.get("layer_types")
@@ -173,8 +201,32 @@ def _sliding_window(arch: str, cfg: dict[str, Any], fail) -> tuple[Optional[int]
         if unknown:
             raise fail("layer_types", f"{sorted(unknown)} not supported (only sliding_attention, full_attention)")
         sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
-    elif arch == "mistral":  # every layer
+    elif every_layer or arch == "qwen3_moe":
         sliding = tuple(range(layers))
     else:  # Qwen2/Qwen3: the layers from max_window_layers on
         sliding = tuple(range(cfg.get("max_window_layers", 28), layers))
     return (window, sliding) if sliding else (None, ())
+
+
+def _moe(arch: str, cfg: dict[str, Any], fail) -> Optional[MoE]:
+    """The experts of a Mixtral / Qwen3-MoE config, in the layers HF gives them."""
+    if arch not in ("mixtral", "qwen3_moe"):
+        return None
+    layers = cfg.get("num_hidden_layers") or 0
+    if arch == "mixtral":  # every layer; the top-k weights always renormalised
+        values = dict(num_experts=cfg.get("num_local_experts"), intermediate_size=cfg.get("intermediate_size"),
+                      normalize=True, layers=tuple(range(layers)))
+    else:
+        step, dense = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or ())
+        values = dict(num_experts=cfg.get("num_experts") or cfg.get("num_local_experts"),
+                      intermediate_size=cfg.get("moe_intermediate_size"),
+                      normalize=bool(cfg.get("norm_topk_prob", False)),
+                      layers=tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0))
+    try:
+        return MoE(top_k=cfg.get("num_experts_per_tok"), **values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        names = {"num_experts": "num_local_experts" if arch == "mixtral" else "num_experts",
+                 "top_k": "num_experts_per_tok",
+                 "intermediate_size": "intermediate_size" if arch == "mixtral" else "moe_intermediate_size"}
+        raise fail(names.get(str(err["loc"][0]), str(err["loc"][0])), err["msg"]) from None

@@ -1,11 +1,16 @@
-"""Topology: a (tp, pp) value plus the rank map. Pure code, no processes.
+"""Topology: a (tp, pp, ep) value plus the rank map. Pure code, no processes.
 
 Rank map (megatron order ``tp-cp-ep-pp-dp``): global rank ``r < tp*pp`` is active with
 ``pp_stage = r // tp`` and ``tp_rank = r % tp``; ranks ``>= tp*pp`` are standby (megatron sees
 them as data-parallel replicas, we never run a model on them).
+
+Expert parallelism folds into a stage's TP ranks (megatron's "MoE parallel folding"): the
+``ep`` expert groups of a stage each hold ``num_experts / ep`` experts, tensor-parallel over
+``tp / ep`` ranks, so experts never sit on standby ranks and ``ep`` must divide ``tp``.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,30 +25,48 @@ class TopologyError(ValueError):
 class Topology:
     tp: int
     pp: int
+    ep: int = 1
 
     def __str__(self) -> str:
-        return f"TP{self.tp}·PP{self.pp}"
+        return f"TP{self.tp}·PP{self.pp}" + (f"·EP{self.ep}" if self.ep > 1 else "")
 
     @property
     def short(self) -> str:
-        """'TxP', the form ``parse`` and CLI flags use."""
-        return f"{self.tp}x{self.pp}"
+        """'TxP' or 'TxPxE', the form ``parse`` and CLI flags use."""
+        return f"{self.tp}x{self.pp}" + (f"x{self.ep}" if self.ep > 1 else "")
 
     @property
     def size(self) -> int:
         return self.tp * self.pp
 
+    @property
+    def expert_tp(self) -> int:
+        """Ranks one expert's weights are split over."""
+        return self.tp // self.ep
+
     def validate(self, spec: ModelSpec, world_size: int) -> None:
-        if self.tp < 1 or self.pp < 1:
-            raise TopologyError(f"{self}: tp and pp must be >= 1")
+        if self.tp < 1 or self.pp < 1 or self.ep < 1:
+            raise TopologyError(f"{self}: tp, pp and ep must be >= 1")
         if spec.num_heads % self.tp:
             raise TopologyError(f"{self}: tp={self.tp} must divide num_attention_heads={spec.num_heads}")
         if spec.num_kv_heads % self.tp:
             raise TopologyError(f"{self}: tp={self.tp} must divide num_key_value_heads={spec.num_kv_heads}")
         if spec.vocab_size % self.tp:  # megatron's vocab-parallel embedding splits rows evenly
             raise TopologyError(f"{self}: tp={self.tp} must divide vocab_size={spec.vocab_size}")
+        if spec.intermediate_size % self.tp:
+            raise TopologyError(f"{self}: tp={self.tp} must divide intermediate_size={spec.intermediate_size}")
         if spec.num_layers % self.pp:
             raise TopologyError(f"{self}: pp={self.pp} must divide num_hidden_layers={spec.num_layers}")
+        if self.ep > 1 and spec.moe is None:
+            raise TopologyError(f"{self}: ep={self.ep} needs a mixture-of-experts model ({spec.architecture} has none)")
+        if self.tp % self.ep:
+            raise TopologyError(f"{self}: ep={self.ep} must divide tp={self.tp} (experts are spread over a stage's TP ranks)")
+        if spec.moe is not None:
+            if spec.moe.num_experts % self.ep:
+                raise TopologyError(f"{self}: ep={self.ep} must divide the number of experts {spec.moe.num_experts}")
+            if spec.moe.intermediate_size % self.expert_tp:
+                raise TopologyError(f"{self}: tp/ep={self.expert_tp} must divide the expert intermediate size "
+                                    f"{spec.moe.intermediate_size}")
         if self.size > world_size:
             raise TopologyError(f"{self}: tp*pp={self.size} exceeds world size {world_size}")
         # megatron's parallel_state lays the world out as whole (tp*pp) replicas.
@@ -70,16 +93,12 @@ class Topology:
 
     @classmethod
     def parse(cls, text: str) -> "Topology":
-        """'2x2', 'tp2pp2' or 'TP2·PP2' -> Topology(2, 2)."""
+        """'2x2', '4x1x2', 'tp2pp2', 'tp4pp1ep2' or 'TP4·PP1·EP2' -> Topology."""
         t = text.lower().replace("·", "").replace(" ", "")
-        try:
-            if "x" in t:
-                tp, pp = t.split("x")
-            else:
-                tp, pp = t.removeprefix("tp").split("pp")
-            return cls(int(tp), int(pp))
-        except ValueError:
-            raise TopologyError(f"cannot parse topology {text!r} (use e.g. 2x2 or tp2pp2)") from None
+        m = re.fullmatch(r"(\d+)x(\d+)(?:x(\d+))?", t) or re.fullmatch(r"tp(\d+)pp(\d+)(?:ep(\d+))?", t)
+        if m is None:
+            raise TopologyError(f"cannot parse topology {text!r} (use e.g. 2x2, 4x1x2 or tp4pp1ep2)")
+        return cls(int(m[1]), int(m[2]), int(m[3] or 1))
 
 
 def valid_topologies(spec: ModelSpec, world_size: int) -> list[Topology]:
@@ -87,9 +106,10 @@ def valid_topologies(spec: ModelSpec, world_size: int) -> list[Topology]:
     out = []
     for tp in range(1, world_size + 1):
         for pp in range(1, world_size // tp + 1):
-            try:
-                Topology(tp, pp).validate(spec, world_size)
-            except TopologyError:
-                continue
-            out.append(Topology(tp, pp))
+            for ep in range(1, tp + 1):
+                try:
+                    Topology(tp, pp, ep).validate(spec, world_size)
+                except TopologyError:
+                    continue
+                out.append(Topology(tp, pp, ep))
     return out

@@ -147,7 +147,7 @@ def cmd_reconfigure(args) -> int:
 
     code = 0
     with _client(args) as c:
-        for ev in c.reconfigure(args.tp, args.pp, args.mode):
+        for ev in c.reconfigure(args.tp, args.pp, args.mode, ep=args.ep):
             kind = pb.ReconfigureEvent.Kind.Name(ev.kind)
             if kind == "PHASE":
                 text = f"  {ev.phase:<13s} {ev.seconds * 1e3:8.1f} ms" + (f"  {ev.bytes / 2**20:.1f} MiB" if ev.bytes else "")
@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("reconfigure", help="switch TP×PP live")
     r.add_argument("--tp", type=int, required=True)
     r.add_argument("--pp", type=int, required=True)
+    r.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models; must divide --tp)")
     r.add_argument("--mode", default="migrate", choices=["migrate", "recompute", "drain"])
     client_opts(r)
     r.set_defaults(fn=cmd_reconfigure)

@@ -58,8 +58,8 @@ class RempClient:
         return [("authorization", f"Bearer {self.token}")] if self.token else None
 
     def reconfigure(self, tp: int, pp: int, mode: str = "migrate", inject_fault: str = "",
-                    timeout: Optional[float] = None) -> Iterator[pb.ReconfigureEvent]:
-        req = pb.ReconfigureRequest(tp=tp, pp=pp, mode=mode, inject_fault=inject_fault)
+                    timeout: Optional[float] = None, ep: int = 1) -> Iterator[pb.ReconfigureEvent]:
+        req = pb.ReconfigureRequest(tp=tp, pp=pp, ep=ep, mode=mode, inject_fault=inject_fault)
         return self.admin.Reconfigure(req, metadata=self._admin_md(), timeout=timeout)
 
     def status(self, timeout: Optional[float] = None) -> pb.StatusResponse:

@@ -20,6 +20,7 @@ class ServerConfig(BaseModel):
     model: Path = Field(description="converted model directory (remp-convert import)")
     tp: int = Field(1, ge=1, description="tensor-parallel size to start at")
     pp: int = Field(1, ge=1, description="pipeline-parallel size to start at")
+    ep: int = Field(1, ge=1, description="expert-parallel size to start at (MoE models; must divide tp)")
     host: str = Field("127.0.0.1", description="address to listen on; beyond loopback needs an admin token")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: any free port)")
     http_port: Optional[int] = Field(None, ge=0, le=65535,

@@ -86,7 +86,7 @@ class Frontend(pb_grpc.InferenceServicer, pb_grpc.AdminServicer):
     @_abort_on_api_error
     def Reconfigure(self, request, context):
         self._authorize(context)
-        events = self.service.reconfigure(request.tp, request.pp, request.mode, request.inject_fault)
+        events = self.service.reconfigure(request.tp, request.pp, request.mode, request.inject_fault, request.ep or 1)
         yield from iter(events.get, None)
 
     @_abort_on_api_error

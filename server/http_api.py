@@ -215,7 +215,7 @@ def build_app(service: Service, model_name: str) -> FastAPI:
     @app.post("/admin/reconfigure")
     def reconfigure(body: ReconfigureBody, request: Request):
         authorize(request)
-        events = service.reconfigure(body.tp, body.pp, body.mode, body.inject_fault)
+        events = service.reconfigure(body.tp, body.pp, body.mode, body.inject_fault, body.ep)
         lines = (json.dumps(MessageToDict(ev, preserving_proto_field_name=True)) + "\n"
                  for ev in iter(events.get, None))
         return StreamingResponse(lines, media_type="application/x-ndjson")

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rt = init_distributed()
     spec = ModelSpec.from_file(cfg.model / "config.json")
-    worker = load_worker(rt, spec, cfg.model, Topology(cfg.tp, cfg.pp), cfg.engine)
+    worker = load_worker(rt, spec, cfg.model, Topology(cfg.tp, cfg.pp, cfg.ep), cfg.engine)
     if rt.rank != 0:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -145,6 +145,7 @@ class ChatCompletionRequest(_Sampling):
 class ReconfigureBody(_Body):
     tp: int = Field(ge=1)
     pp: int = Field(ge=1)
+    ep: int = Field(1, ge=1)
     mode: str = "migrate"
     inject_fault: str = ""
 

@@ -89,10 +89,11 @@ class Client:
             yield Response(c.text, list(c.token_ids), c.usage.prompt_tokens, c.usage.completion_tokens,
                            c.finish_reason)
 
-    def reconfigure(self, tp: int, pp: int, mode: str = "migrate", timeout: Optional[float] = None) -> SwitchResult:
-        """Switch the server's TP×PP live; returns when it committed or rolled back."""
+    def reconfigure(self, tp: int, pp: int, mode: str = "migrate", timeout: Optional[float] = None,
+                    ep: int = 1) -> SwitchResult:
+        """Switch the server's TP×PP(×EP) live; returns when it committed or rolled back."""
         phases, last = {}, None
-        for ev in self.rpc.reconfigure(tp, pp, mode, timeout=timeout):
+        for ev in self.rpc.reconfigure(tp, pp, mode, timeout=timeout, ep=ep):
             if ev.kind == pb.ReconfigureEvent.PHASE:
                 phases[ev.phase] = ev.seconds
             last = ev
@@ -154,7 +155,7 @@ class Pipeline:
     """The engine in this process (rank 0); with tp×pp > 1 the other ranks are child processes.
     Synchronous: a call runs the engine until its prompts are done. One per process at a time."""
 
-    def __init__(self, model: Path, tp: int, pp: int, nproc: int, **engine):
+    def __init__(self, model: Path, tp: int, pp: int, nproc: int, ep: int = 1, **engine):
         from remp_megatron.config import EngineConfig
         from remp_megatron.engine import Engine
         from remp_megatron.quiet import quiet_third_party
@@ -167,16 +168,16 @@ class Pipeline:
         from .service import Service
 
         quiet_third_party()
-        cfg = ServerConfig(model=model, tp=tp, pp=pp, engine=EngineConfig(**engine))
+        cfg = ServerConfig(model=model, tp=tp, pp=pp, ep=ep, engine=EngineConfig(**engine))
         spec = ModelSpec.from_file(model / "config.json")
-        Topology(tp, pp).validate(spec, nproc)  # before any process starts
+        Topology(tp, pp, ep).validate(spec, nproc)  # before any process starts
         port = free_port()
         env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc)}
         self.ranks = [subprocess.Popen([sys.executable, "-m", "server.main", "--config-json", cfg.model_dump_json()],
                                        env={**os.environ, **env, "RANK": str(r), "LOCAL_RANK": str(r)})
                       for r in range(1, nproc)]
         rt = init_distributed(rank=0, world=nproc, init_method=f"tcp://127.0.0.1:{port}")
-        worker = load_worker(rt, spec, model, Topology(tp, pp), cfg.engine)
+        worker = load_worker(rt, spec, model, Topology(tp, pp, ep), cfg.engine)
         tokenizer = None
         if (model / "tokenizer_config.json").exists():
             from transformers import AutoTokenizer
@@ -204,12 +205,12 @@ class Pipeline:
                                 done.finish_reason.value))
         return out
 
-    def reconfigure(self, tp: int, pp: int, mode: str = "migrate") -> SwitchResult:
+    def reconfigure(self, tp: int, pp: int, mode: str = "migrate", ep: int = 1) -> SwitchResult:
         from remp_megatron.reconfigure import RolledBack
         from remp_megatron.topology import Topology
 
         try:
-            tl, reason = self.engine.reconfigure(Topology(tp, pp), mode), ""
+            tl, reason = self.engine.reconfigure(Topology(tp, pp, ep), mode), ""
         except RolledBack as e:
             tl, reason = e.timeline, str(e)
         return SwitchResult(tl.committed, tl.source, tl.target, tl.seconds, dict(tl.phases), reason, tl.seconds)
@@ -229,7 +230,8 @@ class Pipeline:
         self.close()
 
 
-def pipeline(model: Union[str, Path], tp: int = 1, pp: int = 1, nproc: Optional[int] = None, **engine) -> Pipeline:
+def pipeline(model: Union[str, Path], tp: int = 1, pp: int = 1, nproc: Optional[int] = None, ep: int = 1,
+             **engine) -> Pipeline:
     """Serve in this process for scripts and notebooks (no server, no ports). ``engine``: EngineConfig
     fields (``kv_budget_mb``, ``max_num_seqs``, ...)."""
-    return Pipeline(Path(model).resolve(), tp, pp, nproc or tp * pp, **engine)
+    return Pipeline(Path(model).resolve(), tp, pp, nproc or tp * pp, ep, **engine)

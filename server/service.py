@@ -149,9 +149,9 @@ class Service:
         if not hmac.compare_digest(authorization or "", f"Bearer {self.token}"):
             raise ApiError(ErrorKind.UNAUTHENTICATED, "admin calls need 'Authorization: Bearer <token>'")
 
-    def reconfigure(self, tp: int, pp: int, mode: str, inject_fault: str = ""):
+    def reconfigure(self, tp: int, pp: int, mode: str, inject_fault: str = "", ep: int = 1):
         """Start a switch; the queue yields pb.ReconfigureEvents, then None."""
-        target = Topology(tp, pp)
+        target = Topology(tp, pp, ep)
         try:
             target.validate(self.engine.spec, self.engine.worker.world)
         except TopologyError as e:
@@ -182,7 +182,7 @@ class Service:
     def status(self) -> pb.StatusResponse:
         load, topo, world = self.engine.load(), self.engine.topo, self.engine.worker.world
         return pb.StatusResponse(
-            topology=str(topo), tp=topo.tp, pp=topo.pp, world_size=world,
+            topology=str(topo), tp=topo.tp, pp=topo.pp, ep=topo.ep, world_size=world,
             active_ranks=list(range(topo.size)), standby_ranks=list(range(topo.size, world)),
             queue_depth=load.queued, running_requests=load.running, kv_blocks_used=load.kv_blocks_used,
             kv_blocks_free=load.kv_blocks_free, kv_block_size=self.engine.cfg.block_size,

@@ -48,6 +48,12 @@ TINY = {
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", 3, dict(
         head_dim=16, use_sliding_window=True, sliding_window=16, max_window_layers=4,
         rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=128))),
+    # MoE: 4 experts, top 2 renormalised; Qwen3-MoE: 8 experts, top 2 not renormalised, a dense
+    # MLP in layer 1 (mlp_only_layers).
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", 4, dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", 5, dict(
+        head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False,
+        mlp_only_layers=[1])),
 }
 
 
@@ -95,6 +101,26 @@ def llama3_hf(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def qwen3_hf(tmp_path_factory) -> Path:
     return tiny_hf(tmp_path_factory.mktemp("hf") / "tiny-qwen3", "qwen3", tied=True)
+
+
+@pytest.fixture(scope="session")
+def mixtral_hf(tmp_path_factory) -> Path:
+    return tiny_hf(tmp_path_factory.mktemp("hf") / "tiny-mixtral", "mixtral", tied=False)
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_hf(tmp_path_factory) -> Path:
+    return tiny_hf(tmp_path_factory.mktemp("hf") / "tiny-qwen3_moe", "qwen3_moe", tied=True)
+
+
+@pytest.fixture(scope="session")
+def mixtral_mg(mixtral_hf, tmp_path_factory) -> Path:
+    return imported(mixtral_hf, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_mg(qwen3_moe_hf, tmp_path_factory) -> Path:
+    return imported(qwen3_moe_hf, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ from remp_megatron.hf_reference import CLEAR_MARGIN, hf_greedy
 pytestmark = pytest.mark.world
 
 TINY_TOPOLOGIES = ["1x1", "2x1", "1x2", "2x2", "4x1", "1x4"]  # world 4: 1x1, 2x1, 1x2 have standby ranks
+EP_TOPOLOGIES = ["2x1x2", "2x2x2", "4x1x2", "4x1x4"]  # MoE models only: experts over 2 or 4 ranks
 SMOL_TOPOLOGIES = ["1x1", "3x1", "1x3"]
 DTYPES = ["float32", "float64"]
 CHAT = [
@@ -43,6 +44,15 @@ def _rms_norm_in_input_dtype(self, x):
     return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
 
+def _router_in_input_dtype(self, hidden_states):
+    # HF's Mixtral/Qwen3-MoE TopKRouter formula without its softmax in fp32.
+    logits = torch.nn.functional.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
+    top, index = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
+    if not hasattr(self, "norm_topk_prob") or self.norm_topk_prob:  # Mixtral always renormalises
+        top = top / top.sum(dim=-1, keepdim=True)
+    return logits, top, index
+
+
 def with_attention(model, impl: str):
     m = copy.deepcopy(model)
     m.set_attn_implementation(impl)
@@ -52,15 +62,22 @@ def with_attention(model, impl: str):
 def fp64_oracle(model):
     """An fp64 copy of an HF fp32 model that computes in fp64 throughout.
 
-    HF computes RMSNorm in fp32 whatever the model dtype (right for bf16, a precision ceiling
-    for fp64: 1e-7..6e-7 of the logit scale here), so the copy's norms keep the input dtype;
-    eager attention's softmax is fp32 too, so the copy uses sdpa. RoPE is left alone: HF and
-    megatron build the same fp32 angle table (measured: fp64 agreement to 1e-15 with it).
+    HF computes RMSNorm and MoE routers' softmax in fp32 whatever the model dtype (right for
+    bf16, a precision ceiling for fp64: 1e-7..6e-7 of the logit scale here), so the copy's norms
+    and routers keep the input dtype; eager attention's softmax is fp32 too, so the copy uses
+    sdpa. RoPE is left alone: HF and megatron build the same fp32 angle table (measured: fp64
+    agreement to 1e-15 with it).
     """
     m = with_attention(model, "sdpa").to(torch.float64)
+    moe = False
     for mod in m.modules():
         if type(mod).__name__.endswith("RMSNorm"):
             mod.forward = types.MethodType(_rms_norm_in_input_dtype, mod)
+        if type(mod).__name__.endswith("TopKRouter"):
+            mod.forward = types.MethodType(_router_in_input_dtype, mod)
+            moe = True
+    if moe:  # HF's default grouped-GEMM experts take no fp64; the eager loop does
+        m.set_experts_implementation("eager")
     return m
 
 
@@ -116,7 +133,7 @@ def assert_fp32_within_hf_rounding(ours: list[torch.Tensor], oracle: Oracle):
 
 
 def load_ours(d, model: str, dtype: str, topo: str) -> dict:
-    return torch.load(d / f"{model}__{dtype}__tp{topo[0]}pp{topo[2]}.pt")
+    return torch.load(d / f"{model}__{dtype}__{topo}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +143,11 @@ def tiny_prompts():
 
 
 @pytest.fixture(scope="module")
-def tiny_results(llama_mg, qwen2_mg, llama3_mg, qwen3_mg, tiny_prompts, tmp_path_factory):
+def tiny_results(llama_mg, qwen2_mg, llama3_mg, qwen3_mg, mixtral_mg, qwen3_moe_mg, tiny_prompts, tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-logits")
     (d / "prompts.json").write_text(json.dumps(tiny_prompts))
-    models = [llama_mg, qwen2_mg, llama3_mg, qwen3_mg]
-    torchrun("logits_world.py", 4, ["--models", *models, "--topologies", *TINY_TOPOLOGIES,
+    models = [llama_mg, qwen2_mg, llama3_mg, qwen3_mg, mixtral_mg, qwen3_moe_mg]
+    torchrun("logits_world.py", 4, ["--models", *models, "--topologies", *TINY_TOPOLOGIES, *EP_TOPOLOGIES,
                                     "--dtypes", *DTYPES, "--prompts", d / "prompts.json", "--out", d], timeout=600)
     return d
 
@@ -144,19 +161,20 @@ def tiny_oracles(request, tiny_prompts) -> dict[str, Oracle]:
             for which in TINY_MODELS}
 
 
-# llama3: Llama 3.x RoPE scaling; qwen3: Qwen3 QK-norm with YaRN (conftest.TINY).
-TINY_MODELS = ["llama", "qwen2", "llama3", "qwen3"]
+# llama3: Llama 3.x RoPE scaling; qwen3: Qwen3 QK-norm with YaRN; mixtral, qwen3_moe: experts
+# (conftest.TINY).
+TINY_MODELS = ["llama", "qwen2", "llama3", "qwen3", "mixtral", "qwen3_moe"]
+TINY_CASES = [(m, t) for m in TINY_MODELS for t in TINY_TOPOLOGIES] + [
+    (m, t) for m in ("mixtral", "qwen3_moe") for t in EP_TOPOLOGIES]
 
 
-@pytest.mark.parametrize("topo", TINY_TOPOLOGIES)
-@pytest.mark.parametrize("which", TINY_MODELS)
+@pytest.mark.parametrize("which,topo", TINY_CASES)
 def test_tiny_logits_match_hf_fp64(which, topo, tiny_results, tiny_oracles):
     """Exact to fp64 rounding: max|Δ| <= FP64_REL x max|ref| (module docstring)."""
     assert_fp64_exact(load_ours(tiny_results, f"tiny-{which}", "float64", topo)["logits"], tiny_oracles[which].fp64)
 
 
-@pytest.mark.parametrize("topo", TINY_TOPOLOGIES)
-@pytest.mark.parametrize("which", TINY_MODELS)
+@pytest.mark.parametrize("which,topo", TINY_CASES)
 def test_tiny_logits_match_hf_fp32(which, topo, tiny_results, tiny_oracles):
     """fp32 within K_FP32 x HF's own summation-order discrepancy (assert_fp32_within_hf_rounding)."""
     assert_fp32_within_hf_rounding(load_ours(tiny_results, f"tiny-{which}", "float32", topo)["logits"],

@@ -4,7 +4,7 @@ each prompt and (with --greedy N, fp32 only: the serving dtype) N greedy tokens 
 One world serves every (model, dtype, topology) case: parallel state is re-initialised in
 place. ``--dtypes float64`` builds the model in fp64 from the same (fp32) checkpoint, so
 parity can be checked without fp32 rounding noise. Rank 0 (the driver, which receives the
-last stage's logits) writes {out}/{model}__{dtype}__tp{T}pp{P}.pt:
+last stage's logits) writes {out}/{model}__{dtype}__{topology.short}.pt:
 {"logits": [[len, vocab]...], "greedy": [[N ids]...]}; greedy decoding runs through the
 engine with EOS ignored.
 """
@@ -44,6 +44,8 @@ def main():
         greedy = args.greedy if dtype == "float32" else 0
         for t in args.topologies:
             topo = Topology.parse(t)
+            if topo.ep > 1 and spec.moe is None:  # expert parallelism: MoE models only
+                continue
             cfg = EngineConfig(block_size=BLOCK, num_blocks=sum(-(-(len(x) + args.greedy) // BLOCK) for x in prompts))
             worker = load_worker(rt, spec, model_dir, topo, cfg)
             runner = worker.runner
@@ -70,7 +72,7 @@ def main():
             elif greedy:
                 worker_loop(worker)
             if rt.rank == 0:
-                torch.save(result, Path(args.out) / f"{Path(model_dir).name}__{dtype}__tp{topo.tp}pp{topo.pp}.pt")
+                torch.save(result, Path(args.out) / f"{Path(model_dir).name}__{dtype}__{topo.short}.pt")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
