@@ -17,7 +17,8 @@ def hf_tensors(d: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("which", ["llama", "qwen2", "qwen3"])  # llama3 differs from llama only in config.json
+# llama3 differs from llama only in config.json; qwen3_moe has qwen3's tensors, experts and a dense layer.
+@pytest.mark.parametrize("which", ["llama", "qwen2", "qwen3_moe", "mixtral"])
 def test_round_trip_is_bit_identical(which, request, tmp_path):
     src = request.getfixturevalue(f"{which}_hf")
     mg = request.getfixturevalue(f"{which}_mg")

@@ -116,6 +116,53 @@ def test_qwen3_has_qk_norm_and_no_qkv_bias():
     assert s.architecture == "qwen3" and s.qk_norm and not s.qkv_bias and s.head_dim == 16
 
 
+MIXTRAL = {**LLAMA, "architectures": ["MixtralForCausalLM"], "num_local_experts": 4, "num_experts_per_tok": 2}
+QWEN3_MOE = {**LLAMA, "architectures": ["Qwen3MoeForCausalLM"], "num_experts": 8, "num_experts_per_tok": 2,
+             "moe_intermediate_size": 32, "norm_topk_prob": True, "decoder_sparse_step": 2, "mlp_only_layers": [3]}
+
+
+def test_moe_experts_and_their_layers_as_hf_decides_them():
+    m = ModelSpec.from_hf_config(MIXTRAL)
+    assert m.moe.model_dump() == dict(num_experts=4, top_k=2, intermediate_size=128, normalize=True,
+                                      layers=tuple(range(8)))
+    q = ModelSpec.from_hf_config(QWEN3_MOE)
+    # Every 2nd layer (1, 3, 5, 7) except the dense mlp_only layer 3.
+    assert (q.moe.num_experts, q.moe.intermediate_size, q.moe.normalize, q.moe.layers) == (8, 32, True, (1, 5, 7))
+    assert q.qk_norm and spec().moe is None
+
+
+@pytest.mark.parametrize("cfg, over, field", [
+    (MIXTRAL, {"num_local_experts": None}, "num_local_experts"),
+    (MIXTRAL, {"num_experts_per_tok": 5}, "num_experts_per_tok"),
+    (QWEN3_MOE, {"moe_intermediate_size": 0}, "moe_intermediate_size"),
+])
+def test_moe_errors_name_the_field(cfg, over, field):
+    with pytest.raises(SpecError, match=f"field '{field}'"):
+        ModelSpec.from_hf_config({**cfg, **over})
+
+
+@pytest.mark.parametrize("tp, pp, ep, constraint", [
+    (2, 1, 4, "ep=4 must divide tp=2"),
+    (4, 1, 8, "ep=8 must divide tp=4"),
+    (8, 1, 8, "must divide the number of experts 4"),
+    (1, 1, 0, ">= 1"),
+])
+def test_impossible_expert_parallelism_names_constraint(tp, pp, ep, constraint):
+    with pytest.raises(TopologyError, match=constraint):
+        Topology(tp, pp, ep).validate(ModelSpec.from_hf_config({**MIXTRAL, "num_attention_heads": 8,
+                                                                 "num_key_value_heads": 8}), 8)
+    with pytest.raises(TopologyError, match="needs a mixture-of-experts model"):
+        Topology(2, 1, 2).validate(spec(), 4)
+
+
+def test_valid_topologies_fold_experts_into_tp():
+    from remp_megatron.topology import valid_topologies
+
+    got = {t.short for t in valid_topologies(ModelSpec.from_hf_config(MIXTRAL), 4)}
+    assert got == {"1x1", "2x1", "2x1x2", "1x2", "2x2", "2x2x2", "4x1", "4x1x2", "4x1x4", "1x4"}
+    assert all(t.ep == 1 for t in valid_topologies(spec(), 4))
+
+
 def test_from_file_errors_name_the_file(tmp_path):
     with pytest.raises(SpecError, match="file not found"):
         ModelSpec.from_file(tmp_path / "config.json")
@@ -156,6 +203,8 @@ def test_rank_map_and_standby():
 def test_parse(text):
     assert Topology.parse(text) == Topology(2, 2)
     assert Topology.parse(Topology(1, 3).short) == Topology(1, 3)
+    for t in ("4x1x2", "tp4pp1ep2", str(Topology(4, 1, 2)), Topology(4, 1, 2).short):
+        assert Topology.parse(t) == Topology(4, 1, 2)
 
 
 def test_parse_error():
