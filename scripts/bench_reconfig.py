@@ -1,6 +1,7 @@
-"""Reconfiguration benchmark: downtime of live TP×PP switches vs a restart, measured in one run.
+"""Reconfiguration benchmark: downtime of live TP×PP(×EP) switches vs a restart, measured in one run.
 
     python scripts/bench_reconfig.py --model runs/llama-125m --world 4 --chain 2x2 1x4 4x1 2x2
+    python scripts/bench_reconfig.py --model runs/mixtral-1b --world 4 --chain 4x1x4 4x1x2 2x2x2 4x1x4
 
 For each transition of the chain (repeated --runs times), with --requests requests
 mid-generation: the downtime from the pause to the first token at the new topology, its phase
@@ -8,7 +9,8 @@ breakdown, bytes moved and peak extra memory; the same with the new weights pre-
 serving goes on. The restart baseline, measured in the same invocation: stop the serving world
 (timed), relaunch torchrun at the target topology, load the checkpoint, re-prefill the
 interrupted requests (prompt + tokens so far), first token. The lower bound is the bytes that
-must move divided by the gloo point-to-point bandwidth measured in the serving world.
+must move divided by the gloo point-to-point bandwidth measured in the serving world. "Sent"
+is what the ranks counted on the wire; "planned" is the layout planner's prediction.
 """
 from __future__ import annotations
 
@@ -103,6 +105,8 @@ def serve(args) -> None:
                 rows.append({"transition": f"{src}->{dst}", "run": run, "prestaged": prestaged,
                              "downtime_s": downtime, "phases": tl.phases, "weights_moved": tl.weights_moved,
                              "kv_moved": tl.kv_moved, "bytes_in_pause": tl.bytes_sent_in_pause,
+                             "bytes_sent": tl.bytes_sent,
+                             "bytes_planned": tl.weights_moved + tl.kv_moved + tl.kv_moved_ahead,
                              "peak_extra": tl.peak_extra_bytes, "in_flight": len(tokens),
                              "staging_s": staging if prestaged else 0.0, "staging_steps": steps if prestaged else 0})
                 print(f"{src}->{dst} run {run} {'prestaged ' if prestaged else ''}downtime {downtime * 1e3:.0f} ms",
@@ -198,8 +202,9 @@ def report(res: dict, restarts: dict, stop_s: float, args) -> None:
     print("Downtime = pause (all switch phases) + the first decode step at the new topology.\n")
     print("| transition | downtime ms | pause ms | first step ms | prestaged downtime ms | prestaged pause ms | "
           + " | ".join(f"{c} ms" for c in PHASE_COLS)
-          + " | weights moved MiB | KV moved MiB | peak extra MiB | lower bound ms | restart s | restart ÷ live |")
-    print("|---|" + "---:|" * (len(PHASE_COLS) + 12))
+          + " | weights moved MiB | KV moved MiB | sent ÷ planned | peak extra MiB | lower bound ms | restart s | "
+            "restart ÷ live |")
+    print("|---|" + "---:|" * (len(PHASE_COLS) + 13))
     live_all, staged_all, ratio_all, pre_pause_all = [], [], [], []
     for tr in dict.fromkeys(r["transition"] for r in res["rows"]):
         rows = [r for r in res["rows"] if r["transition"] == tr and not r["prestaged"]]
@@ -219,6 +224,7 @@ def report(res: dict, restarts: dict, stop_s: float, args) -> None:
         print(f"| {tr} | {live * 1e3:.0f} | {pause * 1e3:.0f} | {(live - pause) * 1e3:.0f} | {pre * 1e3:.0f} | "
               f"{pre_pause * 1e3:.0f} | " + " | ".join(f"{x:.0f}" for x in phases)
               + f" | {rows[0]['weights_moved'] / 2**20:.1f} | {rows[0]['kv_moved'] / 2**20:.2f} | "
+              f"{sum(r['bytes_sent'] for r in rows + staged) / sum(r['bytes_planned'] for r in rows + staged):.4f} | "
               f"{med(r['peak_extra'] for r in rows) / 2**20:.0f} | {moved / bw * 1e3:.0f} | {restarts[tr]:.1f} | "
               f"{ratio:.0f}× |")
     print(f"\nmedian over transitions: live {statistics.median(live_all) * 1e3:.0f} ms, pre-staged "
