@@ -1,8 +1,9 @@
 """Megatron-core GPTModel for (spec, topology, this rank), and loading its shard.
 
 The model is stock megatron-core (local spec: RMSNorm, SwiGLU, GQA, RoPE, TP linears; MoE
-layers with megatron's experts and all-gather token dispatcher) with two substitutions:
-``core_attention`` is our ``PagedAttention``, the MoE router computes with HF's arithmetic.
+layers with megatron's experts and all-gather token dispatcher) with these substitutions:
+``core_attention`` is our ``PagedAttention``; in MoE layers (``moe.py``) the router computes
+with HF's arithmetic and each TP rank routes its slice of the tokens.
 """
 from __future__ import annotations
 
@@ -71,8 +72,8 @@ def megatron_config(spec: ModelSpec, topo: Topology, device: torch.device):
             config.moe_layer_freq = [int(i in moe.layers) for i in range(spec.num_layers)]
         config.moe_router_load_balancing_type = "none"  # inference: no auxiliary losses
         config.moe_aux_loss_coeff = 0.0
-        # Tokens are replicated over a stage's TP ranks (no sequence parallelism): all-gather
-        # over TP×EP and reduce-scatter back is correct for that, and gloo has no all-to-all.
+        # All-gather over TP×EP and reduce-scatter back (gloo has no all-to-all); each TP rank
+        # brings its slice of the tokens (moe.TokenSplitMoELayer).
         config.moe_token_dispatcher_type = "allgather"
         config.expert_model_parallel_size = topo.ep
         config.expert_tensor_parallel_size = topo.expert_tp
@@ -86,12 +87,13 @@ def megatron_config(spec: ModelSpec, topo: Topology, device: torch.device):
 def _layer_spec(spec: ModelSpec, moe: bool):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from .router import HFTopKRouter
+    from .moe import HFTopKRouter, TokenSplitMoELayer
 
     layer = copy.deepcopy(get_gpt_layer_local_spec(num_experts=spec.moe.num_experts if moe else None,
                                                    normalization="RMSNorm", qk_layernorm=spec.qk_norm))
     layer.submodules.self_attention.submodules.core_attention = PagedAttention
     if moe:
+        layer.submodules.mlp.module = TokenSplitMoELayer
         layer.submodules.mlp.submodules.router = HFTopKRouter
     return layer
 

@@ -35,6 +35,7 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--greedy", type=int, default=0)
     p.add_argument("--dtypes", nargs="+", default=["float32"], help="model dtypes to run (float32, float64)")
+    p.add_argument("--fp32-topologies", nargs="+", help="run float32 only at these (default: every topology)")
     args = p.parse_args()
     rt = init_distributed()
     prompts = json.loads(Path(args.prompts).read_text())
@@ -45,6 +46,8 @@ def main():
         for t in args.topologies:
             topo = Topology.parse(t)
             if topo.ep > 1 and spec.moe is None:  # expert parallelism: MoE models only
+                continue
+            if dtype == "float32" and args.fp32_topologies and t not in args.fp32_topologies:
                 continue
             cfg = EngineConfig(block_size=BLOCK, num_blocks=sum(-(-(len(x) + args.greedy) // BLOCK) for x in prompts))
             worker = load_worker(rt, spec, model_dir, topo, cfg)
