@@ -101,6 +101,7 @@ def serve(args) -> None:
                 tl = engine.reconfigure(dst)
                 engine.step()  # the first token of every in-flight request at the new topology
                 downtime = time.perf_counter() - t0
+                assert (tl.source, tl.target) == (str(src), str(dst)), (tl.source, tl.target)
                 interrupted[f"{src}->{dst}"] = tokens
                 rows.append({"transition": f"{src}->{dst}", "run": run, "prestaged": prestaged,
                              "downtime_s": downtime, "phases": tl.phases, "weights_moved": tl.weights_moved,
@@ -111,7 +112,7 @@ def serve(args) -> None:
                              "staging_s": staging if prestaged else 0.0, "staging_steps": steps if prestaged else 0})
                 print(f"{src}->{dst} run {run} {'prestaged ' if prestaged else ''}downtime {downtime * 1e3:.0f} ms",
                       file=sys.stderr, flush=True)
-                if prestaged:  # go back for the next measurement of this transition
+                if not prestaged:  # back to src for the pre-staged measurement; after it, on from dst
                     engine.reconfigure(src)
     for s in list(engine.sched.running) + list(engine.sched.waiting):
         engine.cancel(s.request_id)

@@ -2,7 +2,8 @@
 
 Input (--spec JSON): {"model": dir, "topologies": [...], "engine": {EngineConfig fields},
 "tokenizer": bool, "scenarios": [{"name", "engine": {overrides}, "requests": [{"id", "prompt"
-(ids), "params", "arrive"}], "cancel": {"id": step}, "pause_at": step}]}.
+(ids), "params", "arrive"}], "cancel": {"id": step}, "pause_at": step, "topologies": [...]
+(default: all)}]}.
 Output (--out JSON, rank 0): {topology: {scenario: {"requests": {id: {tokens, text,
 finish_reason}}, "preemptions", "cancel", "pause"}}}.
 """
@@ -64,6 +65,8 @@ def main():
         runner = worker.runner
         results[t] = {}
         for sc in job["scenarios"]:
+            if t not in sc.get("topologies", [t]):
+                continue
             cfg = base.model_copy(update=sc.get("engine", {}))
             if runner is not None:
                 runner.kv = KVCache.allocate(spec, topo, runner.pp_stage, cfg.blocks_for(spec, topo),
