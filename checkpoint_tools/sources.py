@@ -92,6 +92,8 @@ _GGUF_LAYER = {
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
@@ -102,16 +104,38 @@ _GGUF_TOP = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_GGUF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# llama.cpp's MoE tensors: the router, and each projection of every expert stacked on axis 0.
+_GGUF_EXPERTS = {"ffn_gate_exps.weight": 0, "ffn_up_exps.weight": 1, "ffn_down_exps.weight": 2}
+# general.architecture -> (HF architecture, with experts); a llama GGUF with experts is Mixtral.
+_GGUF_ARCH = {"llama": ("LlamaForCausalLM", "MixtralForCausalLM"), "qwen2": ("Qwen2ForCausalLM", None),
+              "qwen3": ("Qwen3ForCausalLM", None), "qwen3moe": (None, "Qwen3MoeForCausalLM")}
+# HF names of the router and of (gate, up, down) of expert e in layer i.
+_HF_MOE = {
+    "MixtralForCausalLM": ("model.layers.{i}.block_sparse_moe.gate.weight",
+                           "model.layers.{i}.block_sparse_moe.experts.{e}.{p}.weight", ("w1", "w3", "w2")),
+    "Qwen3MoeForCausalLM": ("model.layers.{i}.mlp.gate.weight", "model.layers.{i}.mlp.experts.{e}.{p}.weight",
+                            ("gate_proj", "up_proj", "down_proj")),
+}
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_names(gguf_name: str, arch: str | None, num_experts: int) -> list[tuple[str, int | None]]:
+    """(HF name, expert index or None) for each HF tensor a GGUF tensor holds; [] if unknown."""
     if gguf_name in _GGUF_TOP:
-        return _GGUF_TOP[gguf_name]
+        return [(_GGUF_TOP[gguf_name], None)]
     m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
-    if m and m.group(2) in _GGUF_LAYER:
-        return f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}"
-    return None
+    if m is None:
+        return []
+    layer, part = m.groups()
+    if part in _GGUF_LAYER:
+        return [(f"model.layers.{layer}.{_GGUF_LAYER[part]}", None)]
+    if arch in _HF_MOE:
+        router, expert, projections = _HF_MOE[arch]
+        if part == "ffn_gate_inp.weight":
+            return [(router.format(i=layer), None)]
+        if part in _GGUF_EXPERTS:
+            proj = projections[_GGUF_EXPERTS[part]]
+            return [(expert.format(i=layer, e=e, p=proj), e) for e in range(num_experts)]
+    return []
 
 
 class GGUFSource:
@@ -124,41 +148,76 @@ class GGUFSource:
             self._reader = GGUFReader(str(path))
         except Exception as e:
             raise ConversionError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-        arch = bytes(self._reader.fields["general.architecture"].parts[-1]).decode()
+        arch = self._field("general.architecture")
         if arch not in _GGUF_ARCH:
             raise ConversionError(f"{path}: field 'general.architecture': {arch!r} is not supported")
-        self._tensors = {}
+        experts = int(self._field(f"{arch}.expert_count", 0))
+        hf_arch = _GGUF_ARCH[arch][bool(experts)]
+        if hf_arch is None:
+            raise ConversionError(f"{path}: field '{arch}.expert_count': {experts} does not fit architecture {arch!r}")
+        self._tensors: dict[str, tuple] = {}  # HF name -> (GGUF tensor, expert index or None)
         for t in self._reader.tensors:
-            hf = _hf_name(t.name)
-            if hf is None:
+            names = _hf_names(t.name, hf_arch, experts)
+            if not names:
                 raise ConversionError(f"{path}: tensor '{t.name}' has no HF equivalent")
-            self._tensors[hf] = t
+            self._tensors.update({hf: (t, e) for hf, e in names})
+        self._stacked: tuple = (None, None)  # the last dequantized expert stack: (GGUF name, tensor)
         cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
-        cfg["architectures"] = [_GGUF_ARCH[arch]]
+        cfg["architectures"] = [hf_arch]
+        head_dim = self._field(f"{arch}.attention.key_length", None)
+        if head_dim is not None:
+            cfg["head_dim"] = int(head_dim)
+        if experts:  # transformers' GGUF config reader knows llama experts not at all, Qwen3-MoE's partly
+            cfg["num_experts_per_tok"] = int(self._field(f"{arch}.expert_used_count"))
+            if hf_arch == "MixtralForCausalLM":
+                cfg["model_type"], cfg["num_local_experts"] = "mixtral", experts
+            else:
+                cfg["num_experts"] = experts
+                cfg["moe_intermediate_size"] = int(self._field(f"{arch}.expert_feed_forward_length"))
+                cfg["decoder_sparse_step"] = 1
+                cfg["mlp_only_layers"] = sorted(int(t.name.split(".")[1]) for t in self._reader.tensors
+                                                if t.name.endswith(".ffn_gate.weight"))
         cfg["dtype"] = "float32"  # dequantized
         cfg["tie_word_embeddings"] = "lm_head.weight" not in self._tensors
         for k in ("_name_or_path", "_model_name_or_path", "transformers_version"):
             cfg.pop(k, None)
         self.config = cfg
-        # llama.cpp stores Llama's Q and K rows permuted for its rotary kernel.
+        # llama.cpp stores Llama's (and Mixtral's) Q and K rows permuted for its rotary kernel.
         self._unpermute_heads = (
             {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]} if arch == "llama" else {}
         )
+
+    def _field(self, key: str, default=...):
+        field = self._reader.fields.get(key)
+        if field is None:
+            if default is ...:
+                raise ConversionError(f"{self.path}: field '{key}' missing")
+            return default
+        value = field.parts[-1]
+        return bytes(value).decode() if field.types[0].name == "STRING" else value[0]
 
     @property
     def names(self) -> set[str]:
         return set(self._tensors)
 
-    def get(self, name: str) -> torch.Tensor:
+    def _dequantize(self, t) -> torch.Tensor:
         from gguf import dequantize
 
-        t = self._tensors.get(name)
-        if t is None:
-            raise ConversionError(f"{self.path}: tensor '{name}' missing")
         try:
-            w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).to(torch.float32)
+            return torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).to(torch.float32)
         except Exception as e:
             raise ConversionError(f"{self.path}: tensor '{t.name}' unreadable ({e})") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._tensors:
+            raise ConversionError(f"{self.path}: tensor '{name}' missing")
+        t, expert = self._tensors[name]
+        if expert is None:
+            w = self._dequantize(t)
+        else:  # experts are read in order: one stack dequantized at a time
+            if self._stacked[0] != t.name:
+                self._stacked = (t.name, self._dequantize(t))
+            w = self._stacked[1][expert]
         proj = name.split(".")[-2]
         if proj in self._unpermute_heads:
             n = self._unpermute_heads[proj]
@@ -168,6 +227,8 @@ class GGUFSource:
     def save_tokenizer(self, out: Path) -> None:
         from transformers import AutoTokenizer
 
+        if "tokenizer.ggml.model" not in self._reader.fields:  # served with token ids only
+            return
         tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
         tok.save_pretrained(str(out))
 

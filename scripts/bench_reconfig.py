@@ -94,7 +94,8 @@ def serve(args) -> None:
                     while not job.done.is_set():  # weights, then the full KV blocks copied ahead
                         engine.step()
                         steps += 1
-                    assert job.staged and job.kv_blocks, job
+                    # No KV copied ahead when the target cache cannot keep the block ids (renumbering).
+                    assert job.staged, job
                     staging = time.perf_counter() - t_stage
                     tokens = [s.prompt + s.output for s in engine.sched.running]
                 t0 = time.perf_counter()
@@ -109,6 +110,7 @@ def serve(args) -> None:
                              "bytes_sent": tl.bytes_sent,
                              "bytes_planned": tl.weights_moved + tl.kv_moved + tl.kv_moved_ahead,
                              "peak_extra": tl.peak_extra_bytes, "in_flight": len(tokens),
+                             "kv_blocks": tl.kv_blocks, "kv_blocks_ahead": tl.kv_blocks_staged,
                              "staging_s": staging if prestaged else 0.0, "staging_steps": steps if prestaged else 0})
                 print(f"{src}->{dst} run {run} {'prestaged ' if prestaged else ''}downtime {downtime * 1e3:.0f} ms",
                       file=sys.stderr, flush=True)

@@ -8,6 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import convert
+from gguf_writer import write_gguf
+from remp_megatron.spec import ModelSpec
 
 
 def hf_tensors(d: Path) -> dict[str, torch.Tensor]:
@@ -30,6 +32,39 @@ def test_round_trip_is_bit_identical(which, request, tmp_path):
     for name in a:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
     assert json.loads((tmp_path / "back" / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+
+
+def megatron_tensors(d: Path) -> dict[str, torch.Tensor]:
+    """Every global tensor of a converted dir's dist-checkpoint, read without a world."""
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(str(d / "megatron"))
+    meta = reader.read_metadata().state_dict_metadata
+    out = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in meta.items() if hasattr(v, "size")}
+    dcp.load(out, storage_reader=reader, no_dist=True)
+    return out
+
+
+@pytest.mark.parametrize("which", ["mixtral", "qwen3_moe"])
+def test_gguf_import_equals_safetensors_import(which, request, tmp_path):
+    """llama.cpp's layout (names; Mixtral as a llama GGUF with experts and permuted Q/K; experts
+    stacked per projection; Qwen3-MoE's Q/K norms, head_dim and a dense layer) imports to the same
+    megatron tensors and the same ModelSpec as the HF safetensors of the same weights."""
+    gguf = write_gguf(request.getfixturevalue(f"{which}_hf"), tmp_path / f"{which}.gguf")
+    convert("import", gguf, tmp_path / "mg")
+    want_dir = request.getfixturevalue(f"{which}_mg")
+    got, want = megatron_tensors(tmp_path / "mg"), megatron_tensors(want_dir)
+    assert got.keys() == want.keys() and got
+    for k in got:
+        assert torch.equal(got[k], want[k]), k
+    got_spec, want_spec = (ModelSpec.from_file(d / "config.json") for d in (tmp_path / "mg", want_dir))
+    if which == "qwen3_moe":  # GGUF has no norm_topk_prob: llama.cpp renormalises (as Qwen3-MoE releases do)
+        assert got_spec.moe.normalize
+        want_spec = want_spec.model_copy(update={"moe": want_spec.moe.model_copy(update={"normalize": True})})
+    # No tokenizer metadata in this GGUF (so no EOS); GGUF stores the norm epsilon as fp32.
+    apart = {"eos_token_ids", "rms_norm_eps"}
+    assert got_spec.model_dump(exclude=apart) == want_spec.model_dump(exclude=apart)
+    assert got_spec.rms_norm_eps == torch.tensor(want_spec.rms_norm_eps, dtype=torch.float32).item()
 
 
 def test_sharded_source_was_really_sharded(qwen2_hf):
