@@ -151,6 +151,10 @@ class GGUFSource:
         arch = self._field("general.architecture")
         if arch not in _GGUF_ARCH:
             raise ConversionError(f"{path}: field 'general.architecture': {arch!r} is not supported")
+        scaling = self._field(f"{arch}.rope.scaling.type", "none")
+        if scaling != "none":  # transformers' GGUF config reader drops it: the model would load unscaled
+            raise ConversionError(f"{path}: field '{arch}.rope.scaling.type': {scaling!r} is not supported "
+                                  "from GGUF (import the HF safetensors)")
         experts = int(self._field(f"{arch}.expert_count", 0))
         hf_arch = _GGUF_ARCH[arch][bool(experts)]
         if hf_arch is None:

@@ -141,6 +141,8 @@ def _case(name: str, llama_hf: Path, smol_gguf: Path, tmp: Path) -> tuple[Path, 
         f = tmp / "broken.gguf"
         f.write_bytes(smol_gguf.read_bytes()[:65536])
         return f, "broken.gguf: not a readable GGUF file"
+    if name == "gguf-rope-scaling":
+        return write_gguf(llama_hf, tmp / "scaled.gguf", rope_scaling="linear"), "field 'llama.rope.scaling.type'"
     if name == "not-a-model":
         f = tmp / "weights.bin"
         f.write_bytes(b"\0" * 16)
@@ -149,7 +151,7 @@ def _case(name: str, llama_hf: Path, smol_gguf: Path, tmp: Path) -> tuple[Path, 
 
 
 BAD = ["missing-src", "no-config", "no-weights", "unsupported-arch", "shape-mismatch", "missing-tensor",
-       "extra-tensor", "truncated-safetensors", "corrupt-gguf", "not-a-model"]
+       "extra-tensor", "truncated-safetensors", "corrupt-gguf", "gguf-rope-scaling", "not-a-model"]
 
 
 @pytest.mark.parametrize("case", BAD)
