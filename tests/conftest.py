@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -75,72 +76,26 @@ def tiny_hf(path: Path, arch: str, tied: bool, max_shard_size: str | None = None
     return path
 
 
-def imported(hf: Path, tmp_path_factory) -> Path:
-    """``remp-convert import`` of an HF dir into a converted dir of the same name."""
-    out = tmp_path_factory.mktemp("mg") / hf.name
-    convert("import", hf, out)
-    return out
+def _tiny_fixtures(arch: str, tied: bool, **save):
+    """Session fixtures ``{arch}_hf`` (the HF dir) and ``{arch}_mg`` (it imported)."""
+    @pytest.fixture(scope="session", name=f"{arch}_hf")
+    def hf(tmp_path_factory) -> Path:
+        return tiny_hf(tmp_path_factory.mktemp("hf") / f"tiny-{arch}", arch, tied=tied, **save)
+
+    @pytest.fixture(scope="session", name=f"{arch}_mg")
+    def mg(converted) -> Path:
+        return converted[arch]
+
+    return hf, mg
 
 
-@pytest.fixture(scope="session")
-def llama_hf(tmp_path_factory) -> Path:
-    return tiny_hf(tmp_path_factory.mktemp("hf") / "tiny-llama", "llama", tied=False)
-
-
-@pytest.fixture(scope="session")
-def qwen2_hf(tmp_path_factory) -> Path:
-    # Sharded on purpose: the importer must follow model.safetensors.index.json.
-    return tiny_hf(tmp_path_factory.mktemp("hf") / "tiny-qwen2", "qwen2", tied=True, max_shard_size="100KB")
-
-
-@pytest.fixture(scope="session")
-def llama3_hf(tmp_path_factory) -> Path:
-    return tiny_hf(tmp_path_factory.mktemp("hf") / "tiny-llama3", "llama3", tied=False)
-
-
-@pytest.fixture(scope="session")
-def qwen3_hf(tmp_path_factory) -> Path:
-    return tiny_hf(tmp_path_factory.mktemp("hf") / "tiny-qwen3", "qwen3", tied=True)
-
-
-@pytest.fixture(scope="session")
-def mixtral_hf(tmp_path_factory) -> Path:
-    return tiny_hf(tmp_path_factory.mktemp("hf") / "tiny-mixtral", "mixtral", tied=False)
-
-
-@pytest.fixture(scope="session")
-def qwen3_moe_hf(tmp_path_factory) -> Path:
-    return tiny_hf(tmp_path_factory.mktemp("hf") / "tiny-qwen3_moe", "qwen3_moe", tied=True)
-
-
-@pytest.fixture(scope="session")
-def mixtral_mg(mixtral_hf, tmp_path_factory) -> Path:
-    return imported(mixtral_hf, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def qwen3_moe_mg(qwen3_moe_hf, tmp_path_factory) -> Path:
-    return imported(qwen3_moe_hf, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def llama3_mg(llama3_hf, tmp_path_factory) -> Path:
-    return imported(llama3_hf, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def qwen3_mg(qwen3_hf, tmp_path_factory) -> Path:
-    return imported(qwen3_hf, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def llama_mg(llama_hf, tmp_path_factory) -> Path:
-    return imported(llama_hf, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def qwen2_mg(qwen2_hf, tmp_path_factory) -> Path:
-    return imported(qwen2_hf, tmp_path_factory)
+llama_hf, llama_mg = _tiny_fixtures("llama", tied=False)
+# Sharded on purpose: the importer must follow model.safetensors.index.json.
+qwen2_hf, qwen2_mg = _tiny_fixtures("qwen2", tied=True, max_shard_size="100KB")
+llama3_hf, llama3_mg = _tiny_fixtures("llama3", tied=False)
+qwen3_hf, qwen3_mg = _tiny_fixtures("qwen3", tied=True)
+mixtral_hf, mixtral_mg = _tiny_fixtures("mixtral", tied=False)
+qwen3_moe_hf, qwen3_moe_mg = _tiny_fixtures("qwen3_moe", tied=True)
 
 
 @pytest.fixture(scope="session")
@@ -151,10 +106,21 @@ def smol_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smol_mg(smol_gguf, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("mg") / "smollm2"
-    convert("import", smol_gguf, out, timeout=600)
-    return out
+def converted(request, smol_gguf, tmp_path_factory) -> dict[str, Path]:
+    """Every test model through ``remp-convert import``, two processes at a time: an import is
+    mostly one core's work (megatron's imports, then one tensor at a time)."""
+    sources = {arch: request.getfixturevalue(f"{arch}_hf") for arch in TINY} | {"smollm2": smol_gguf}
+    outs = {name: tmp_path_factory.mktemp("mg") / (f"tiny-{name}" if name in TINY else name) for name in sources}
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(convert, "import", sources[n], outs[n], timeout=600) for n in sources]
+        for job in jobs:
+            job.result()
+    return outs
+
+
+@pytest.fixture(scope="session")
+def smol_mg(converted) -> Path:
+    return converted["smollm2"]
 
 
 @pytest.fixture(scope="session")
