@@ -28,8 +28,8 @@ pytestmark = pytest.mark.world
 TINY_TOPOLOGIES = ["1x1", "2x1", "1x2", "2x2", "4x1", "1x4"]  # world 4: 1x1, 2x1, 1x2 have standby ranks
 EP_TOPOLOGIES = ["2x1x2", "2x2x2", "4x1x2", "4x1x4"]  # MoE models only: experts over 2 or 4 ranks
 # fp64 proves the function at every topology; fp32's rounding bound is checked where the
-# summation order departs most from HF's (the widest TP, experts spread widest) and at 1x1.
-TINY_FP32_TOPOLOGIES = ["1x1", "4x1", "4x1x4"]
+# summation order departs most from HF's: the widest TP, experts spread widest.
+TINY_FP32_TOPOLOGIES = ["4x1", "4x1x4"]
 SMOL_TOPOLOGIES = ["1x1", "3x1", "1x3"]
 DTYPES = ["float32", "float64"]
 CHAT = [

@@ -35,10 +35,10 @@ def test_tour_covers_every_ordered_pair():
     assert len(pairs) == len(set(pairs)) == 30 and tour[0] == tour[-1]
 
 
-def requests(n: int):
+def requests(n: int, max_new: int = 20):
     g = torch.Generator().manual_seed(11)
     return [{"id": f"q{i}", "prompt": torch.randint(3, 256, (int(torch.randint(4, 40, (1,), generator=g)),),
-                                                   generator=g).tolist(), "max_new": 20} for i in range(n)]
+                                                   generator=g).tolist(), "max_new": max_new} for i in range(n)]
 
 
 def switch_plan():
@@ -220,7 +220,7 @@ def test_no_resource_growth_over_twenty_switches(run):
 
 # ---- MoE: a chain that changes TP, PP and EP, experts resharded live (tiny Mixtral) ----------
 MOE_CHAIN = ["4x1x4", "1x4", "2x2x2", "4x1x2", "2x2"]  # from and back to 2x2; each hop moves experts
-MOE_REQUESTS = 12
+MOE_REQUESTS, MOE_NEW = 12, 12
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +228,7 @@ def moe_run(mixtral_mg, tmp_path_factory):
     d = tmp_path_factory.mktemp("reconfig-moe")
     switches = [{"target": t, "mode": "migrate", "kv_check": i == 2, "tag": "chain"} for i, t in enumerate(MOE_CHAIN)]
     switches.insert(2, {"target": "2x1x2", "prestage": True, "tag": "prestage"})  # EP with standby ranks
-    job = {"model": str(mixtral_mg), "start": START, "requests": requests(MOE_REQUESTS), "switches": switches,
+    job = {"model": str(mixtral_mg), "start": START, "requests": requests(MOE_REQUESTS, MOE_NEW), "switches": switches,
            "min_inflight": 3, "engine": {"block_size": BLOCK, "num_blocks": 96, "max_tokens_per_step": 64,
                                          "prestage_budget_mb": 64}}
     (d / "job.json").write_text(json.dumps(job))
@@ -256,7 +256,7 @@ def test_moe_switches_reshard_experts_and_stay_exact(moe_run, mixtral_hf):
     checked = [c for s in out["switches"] for c in s.get("kv_check", [])]
     assert checked and all(c["max_abs_diff"] < 1e-5 for c in checked)
     hf = AutoModelForCausalLM.from_pretrained(str(mixtral_hf), dtype=torch.float32).eval()
-    for r in requests(MOE_REQUESTS):
+    for r in requests(MOE_REQUESTS, MOE_NEW):
         g = hf.generate(torch.tensor([r["prompt"]]), max_new_tokens=r["max_new"], do_sample=False)
         assert out["requests"][r["id"]] == g[0, len(r["prompt"]):].tolist(), r["id"]
     assert out["switches"][-1]["topology_after"] == "TP2·PP2"
