@@ -107,12 +107,18 @@ def smol_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def converted(request, smol_gguf, tmp_path_factory) -> dict[str, Path]:
-    """Every test model through ``remp-convert import``, two processes at a time: an import is
-    mostly one core's work (megatron's imports, then one tensor at a time)."""
-    sources = {arch: request.getfixturevalue(f"{arch}_hf") for arch in TINY} | {"smollm2": smol_gguf}
-    outs = {name: tmp_path_factory.mktemp("mg") / (f"tiny-{name}" if name in TINY else name) for name in sources}
+    """Every test model imported: SmolLM2's GGUF through the ``remp-convert import`` CLI, beside
+    it the tiny models one after another in one process (an import's cost is mostly megatron's
+    ~6 s of Python imports; each import is one core's work)."""
+    tiny = {arch: request.getfixturevalue(f"{arch}_hf") for arch in TINY}
+    outs = {arch: tmp_path_factory.mktemp("mg") / hf.name for arch, hf in tiny.items()}
+    outs["smollm2"] = tmp_path_factory.mktemp("mg") / "smollm2"
+    many = ("import sys\nfrom checkpoint_tools.convert import import_model\n"
+            "for src, out in zip(sys.argv[1::2], sys.argv[2::2]):\n    import_model(src, out)")
     with ThreadPoolExecutor(2) as pool:
-        jobs = [pool.submit(convert, "import", sources[n], outs[n], timeout=600) for n in sources]
+        jobs = [pool.submit(convert, "import", smol_gguf, outs["smollm2"], timeout=600),
+                pool.submit(run, [sys.executable, "-c", many, *(str(x) for a in TINY for x in (tiny[a], outs[a]))],
+                            600, cwd=ROOT)]
         for job in jobs:
             job.result()
     return outs

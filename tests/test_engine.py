@@ -10,9 +10,10 @@ from conftest import torchrun
 pytestmark = pytest.mark.world
 
 TINY_TOPOLOGIES = ["1x1", "2x1", "1x2", "2x2", "4x1", "1x4"]
-# Seeds against arrival order and batch (sample_b, sample_c) at the ends of the range; sample_a
-# (the same seeds at every topology) everywhere.
+# Seeded sampling: the same seeds give the same tokens at four topologies (sample_a); against
+# arrival order and batch (sample_b) and other seeds (sample_c) at the ends of the range.
 SAMPLING_TOPOLOGIES = ["1x1", "4x1"]
+SEEDED_TOPOLOGIES = ["1x1", "2x2", "4x1", "1x4"]  # the same seeds, the same tokens at each
 # Pause-point KV state where KV is split over ranks (by TP, by PP, both); cancel is bookkeeping.
 PAUSE_TOPOLOGIES = ["2x2", "4x1", "1x4"]
 CANCEL_TOPOLOGIES = ["2x2"]
@@ -48,7 +49,7 @@ def tiny_run(llama_mg, tmp_path_factory):
         {"name": "preempt", "engine": {"num_blocks": 14}, "requests": reqs},
         {"name": "pause", "requests": reqs, "pause_at": 6, "topologies": PAUSE_TOPOLOGIES},
         {"name": "cancel", "requests": reqs[:3], "cancel": {"r1": 5}, "topologies": CANCEL_TOPOLOGIES},
-        {"name": "sample_a", "requests": sampled(reqs, 100, [0] * 6)},
+        {"name": "sample_a", "requests": sampled(reqs, 100, [0] * 6), "topologies": SEEDED_TOPOLOGIES},
         {"name": "sample_b", "requests": sampled(reqs, 100, [5, 4, 3, 2, 1, 0]), "topologies": SAMPLING_TOPOLOGIES},
         {"name": "sample_c", "requests": sampled(reqs, 200, [0] * 6), "topologies": SAMPLING_TOPOLOGIES},
     ]
@@ -119,7 +120,7 @@ def test_seeded_sampling_is_reproducible(tiny_run):
         return {k: v["tokens"] for k, v in out[topo][scenario]["requests"].items()}
 
     ref = tokens("1x1", "sample_a")
-    for t in TINY_TOPOLOGIES:
+    for t in SEEDED_TOPOLOGIES:
         assert tokens(t, "sample_a") == ref, t
     for t in SAMPLING_TOPOLOGIES:
         assert tokens(t, "sample_b") == ref, t  # other arrival order, other batches
