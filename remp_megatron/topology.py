@@ -18,7 +18,12 @@ from .spec import ModelSpec
 
 
 class TopologyError(ValueError):
-    """An impossible topology; the message names the violated constraint."""
+    """An impossible topology; the message names the violated constraint, ``field`` the size
+    (tp, pp or ep) it is about."""
+
+    def __init__(self, message: str, field: str = "tp"):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True, order=True)
@@ -46,7 +51,8 @@ class Topology:
 
     def validate(self, spec: ModelSpec, world_size: int) -> None:
         if self.tp < 1 or self.pp < 1 or self.ep < 1:
-            raise TopologyError(f"{self}: tp, pp and ep must be >= 1")
+            raise TopologyError(f"{self}: tp, pp and ep must be >= 1",
+                                "tp" if self.tp < 1 else "pp" if self.pp < 1 else "ep")
         if spec.num_heads % self.tp:
             raise TopologyError(f"{self}: tp={self.tp} must divide num_attention_heads={spec.num_heads}")
         if spec.num_kv_heads % self.tp:
@@ -56,17 +62,20 @@ class Topology:
         if spec.intermediate_size % self.tp:
             raise TopologyError(f"{self}: tp={self.tp} must divide intermediate_size={spec.intermediate_size}")
         if spec.num_layers % self.pp:
-            raise TopologyError(f"{self}: pp={self.pp} must divide num_hidden_layers={spec.num_layers}")
+            raise TopologyError(f"{self}: pp={self.pp} must divide num_hidden_layers={spec.num_layers}", "pp")
         if self.ep > 1 and spec.moe is None:
-            raise TopologyError(f"{self}: ep={self.ep} needs a mixture-of-experts model ({spec.architecture} has none)")
+            raise TopologyError(f"{self}: ep={self.ep} needs a mixture-of-experts model ({spec.architecture} has none)",
+                                "ep")
         if self.tp % self.ep:
-            raise TopologyError(f"{self}: ep={self.ep} must divide tp={self.tp} (experts are spread over a stage's TP ranks)")
+            raise TopologyError(f"{self}: ep={self.ep} must divide tp={self.tp} (experts are spread over a stage's TP ranks)",
+                                "ep")
         if spec.moe is not None:
             if spec.moe.num_experts % self.ep:
-                raise TopologyError(f"{self}: ep={self.ep} must divide the number of experts {spec.moe.num_experts}")
+                raise TopologyError(f"{self}: ep={self.ep} must divide the number of experts {spec.moe.num_experts}",
+                                    "ep")
             if spec.moe.intermediate_size % self.expert_tp:
                 raise TopologyError(f"{self}: tp/ep={self.expert_tp} must divide the expert intermediate size "
-                                    f"{spec.moe.intermediate_size}")
+                                    f"{spec.moe.intermediate_size}", "ep")
         if self.size > world_size:
             raise TopologyError(f"{self}: tp*pp={self.size} exceeds world size {world_size}")
         # megatron's parallel_state lays the world out as whole (tp*pp) replicas.

@@ -155,7 +155,7 @@ class Service:
         try:
             target.validate(self.engine.spec, self.engine.worker.world)
         except TopologyError as e:
-            raise invalid(str(e), "tp") from None
+            raise invalid(str(e), e.field) from None
         mode = mode or "migrate"
         if mode not in MODES:
             raise invalid(f"mode: {mode!r} is not one of {list(MODES)}", "mode")

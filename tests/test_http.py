@@ -148,6 +148,7 @@ BAD = [  # (path, body, status, param, words in the message)
      400, "messages[0].content", "only text parts are supported, not 'image_url'"),
     ("/admin/reconfigure", {"tp": 2, "pp": 1}, 400, "tp", "must divide num_attention_heads=9"),
     ("/admin/reconfigure", {"tp": 1, "pp": 1, "mode": "teleport"}, 400, "mode", "'teleport'"),
+    ("/admin/reconfigure", {"tp": 1, "pp": 1, "ep": 2}, 400, "ep", "needs a mixture-of-experts model"),
 ]
 
 

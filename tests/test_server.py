@@ -130,6 +130,9 @@ def test_invalid_topology_is_rejected_and_changes_nothing(client):
     with pytest.raises(grpc.RpcError) as e:
         switch(client, 3, 1)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "must divide" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:  # the ep field reaches validation (a dense model has no experts)
+        switch(client, 2, 2, ep=2)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ep=2 needs a mixture-of-experts" in e.value.details()
     after = client.status()
     assert after.topology == before.topology and len(after.switch_history) == len(before.switch_history)
     assert client.generate([5, 6, 7], max_new_tokens=2).finish_reason == "length"

@@ -148,9 +148,10 @@ def test_moe_errors_name_the_field(cfg, over, field):
     (1, 1, 0, ">= 1"),
 ])
 def test_impossible_expert_parallelism_names_constraint(tp, pp, ep, constraint):
-    with pytest.raises(TopologyError, match=constraint):
+    with pytest.raises(TopologyError, match=constraint) as e:
         Topology(tp, pp, ep).validate(ModelSpec.from_hf_config({**MIXTRAL, "num_attention_heads": 8,
                                                                  "num_key_value_heads": 8}), 8)
+    assert e.value.field == "ep"
     with pytest.raises(TopologyError, match="needs a mixture-of-experts model"):
         Topology(2, 1, 2).validate(spec(), 4)
 
