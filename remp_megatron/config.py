@@ -6,13 +6,15 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from .kv_cache import blocks_for_budget
-from .spec import ModelSpec
+from .spec import ModelSpec, ServingDtype
 from .topology import Topology
 
 
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    dtype: Optional[ServingDtype] = Field(
+        None, description="weights and KV cache dtype, cast at load (default: bf16 on CUDA, the checkpoint's on CPU)")
     block_size: int = Field(16, ge=1, description="tokens per KV-cache block")
     kv_budget_mb: float = Field(64.0, gt=0, description="KV-cache MiB per active rank, at the current topology")
     num_blocks: Optional[int] = Field(None, ge=1, description="fixed KV block count (overrides the budget)")

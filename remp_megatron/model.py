@@ -2,8 +2,9 @@
 
 The model is stock megatron-core (local spec: RMSNorm, SwiGLU, GQA, RoPE, TP linears; MoE
 layers with megatron's experts and all-gather token dispatcher) with these substitutions:
-``core_attention`` is our ``PagedAttention``; in MoE layers (``moe.py``) the router computes
-with HF's arithmetic and each TP rank routes its slice of the tokens.
+``core_attention`` is our ``PagedAttention``; the TP linears run an inference-only forward
+(``linear.py``); in MoE layers (``moe.py``) the router computes with HF's arithmetic and each
+TP rank routes its slice of the tokens.
 """
 from __future__ import annotations
 
@@ -87,14 +88,20 @@ def megatron_config(spec: ModelSpec, topo: Topology, device: torch.device):
 def _layer_spec(spec: ModelSpec, moe: bool):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    from .linear import InferenceColumnParallelLinear, InferenceRowParallelLinear
     from .moe import HFTopKRouter, TokenSplitMoELayer
 
     layer = copy.deepcopy(get_gpt_layer_local_spec(num_experts=spec.moe.num_experts if moe else None,
                                                    normalization="RMSNorm", qk_layernorm=spec.qk_norm))
-    layer.submodules.self_attention.submodules.core_attention = PagedAttention
+    attention = layer.submodules.self_attention.submodules
+    attention.core_attention = PagedAttention
+    attention.linear_qkv, attention.linear_proj = InferenceColumnParallelLinear, InferenceRowParallelLinear
+    mlp = layer.submodules.mlp.submodules
     if moe:
         layer.submodules.mlp.module = TokenSplitMoELayer
-        layer.submodules.mlp.submodules.router = HFTopKRouter
+        mlp.router = HFTopKRouter
+        mlp = mlp.experts.submodules
+    mlp.linear_fc1, mlp.linear_fc2 = InferenceColumnParallelLinear, InferenceRowParallelLinear
     return layer
 
 

@@ -27,11 +27,11 @@ class AttentionGroup:
     """Sequences attended in one batched SDPA call: queries and cached keys padded to the
     group's longest ([B, Qmax] / [B, Lmax]), a causal mask that also hides the padding."""
 
-    q_index: torch.Tensor  # [B, Qmax] packed row of each query (row 0 where padding)
-    q_valid: torch.Tensor  # [B, Qmax] which of them are real
-    kv_slots: torch.Tensor  # [B, Lmax] cache slot of each key (the sequence's first slot where padding)
+    q_index: torch.Tensor  # [B * Qmax] packed row of each query (row 0 where padding)
+    valid: torch.Tensor  # [real queries] their index in q_index, in packed-row order
+    rows: torch.Tensor  # [real queries] their packed rows
+    kv_slots: torch.Tensor  # [B * Lmax] cache slot of each key (the sequence's first slot where padding)
     mask: torch.Tensor  # [B, 1, Qmax, Lmax] True where a query may attend
-    rows: torch.Tensor  # [real queries] their packed rows, in the order q_valid selects them
     window_mask: Optional[torch.Tensor] = None  # the mask of sliding-window layers
 
 
@@ -80,9 +80,10 @@ class AttentionMetadata:
             # Padded query rows keep the plain causal mask: a window could leave them no key.
             window_mask = None if window is None else \
                 mask & ((k[:, None, :] > qpos_rows - window) | ~q_valid[:, :, None])
-            q_index = torch.where(q_valid, offset[rows, None] + q, 0)
-            groups.append(AttentionGroup(q_index.to(device), q_valid.to(device), kv_slots.to(device),
-                                         mask[:, None].to(device), q_index[q_valid].to(device),
+            q_index = torch.where(q_valid, offset[rows, None] + q, 0).flatten()
+            valid = q_valid.flatten().nonzero()[:, 0]
+            groups.append(AttentionGroup(q_index.to(device), valid.to(device), q_index[valid].to(device),
+                                         kv_slots.flatten().to(device), mask[:, None].to(device),
                                          None if window_mask is None else window_mask[:, None].to(device)))
         return cls(positions.to(device), slot_mapping.to(device), groups,
                    frozenset(window_layers) if window is not None else frozenset())
@@ -128,12 +129,19 @@ class PagedAttention(torch.nn.Module):
         q_packed = query[:, 0]
         out = torch.empty_like(q_packed)
         windowed = self.layer_number - 1 in meta.window_layers
+        # CPU SDPA in bf16/fp16 runs ~3x slower than in fp32 (no half kernel): attend in fp32 there.
+        dtype = torch.float32 if q_packed.device.type == "cpu" and q_packed.element_size() < 4 else q_packed.dtype
         for g in meta.groups:  # one SDPA per group for all its sequences
+            mask = g.window_mask if windowed else g.mask
+            b, qmax, lmax = mask.shape[0], mask.shape[2], mask.shape[3]
+
+            def gather(x: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:  # -> [B, heads, n, dim]
+                # index_select on the flat slot axis: ~10x faster than advanced indexing on CPU.
+                return x.index_select(0, index).to(dtype).view(b, n, *x.shape[1:]).transpose(1, 2)
+
             o = F.scaled_dot_product_attention(
-                q_packed[g.q_index].transpose(1, 2),  # [B, heads, Qmax, dim]
-                k_cache[g.kv_slots].transpose(1, 2),  # [B, kv_heads, Lmax, dim]
-                v_cache[g.kv_slots].transpose(1, 2),
-                attn_mask=g.window_mask if windowed else g.mask, scale=self.softmax_scale, enable_gqa=True,
-            )
-            out[g.rows] = o.transpose(1, 2)[g.q_valid]
+                gather(q_packed, g.q_index, qmax), gather(k_cache, g.kv_slots, lmax),
+                gather(v_cache, g.kv_slots, lmax), attn_mask=mask, scale=self.softmax_scale, enable_gqa=True)
+            o = o.transpose(1, 2).reshape(b * qmax, *q_packed.shape[1:])
+            out.index_copy_(0, g.rows, o.index_select(0, g.valid).to(out.dtype))
         return out.reshape(out.shape[0], 1, -1)

@@ -32,6 +32,9 @@ _HF_FIELD = {
 }
 # float64 is for exactness tests (parity worlds), not for serving.
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+# What a server may be asked to serve in (`--dtype`), by its short name.
+ServingDtype = Literal["fp32", "bf16", "fp16"]
+_SERVING = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class SpecError(ValueError):
@@ -94,6 +97,14 @@ class ModelSpec(BaseModel):
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
+
+    def served_in(self, dtype: Optional[ServingDtype], device: torch.device) -> "ModelSpec":
+        """This model as served: weights and KV cache in ``dtype``, cast from the checkpoint's
+        dtype at load (and kept in it when shards move). None: bf16 on CUDA; elsewhere the
+        checkpoint's own dtype (CPU stays exact by default: fp32 or fp64 checkpoints)."""
+        if dtype is None:
+            dtype = "bf16" if device.type == "cuda" else None
+        return self if dtype is None else self.model_copy(update={"dtype": _SERVING[dtype]})
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelSpec":

@@ -111,13 +111,16 @@ class Worker:
 
 def load_worker(rt, spec: ModelSpec, model_dir, topo: Topology, cfg: EngineConfig) -> Worker:
     """Collective: load ``topo``'s shards from a converted model dir on every rank, and create
-    the process groups of every topology this world can switch to (so no switch pays for them)."""
+    the process groups of every topology this world can switch to (so no switch pays for them).
+    The worker's spec is ``spec`` in the serving dtype (``cfg.dtype``)."""
+    spec = spec.served_in(cfg.dtype, rt.device)
     topo.validate(spec, rt.world_size)
     runner = load_runner(spec, model_dir, topo, rt.rank, rt.device, cfg.blocks_for(spec, topo), cfg.block_size)
     t0 = time.perf_counter()
     targets = valid_topologies(spec, rt.world_size)
     for t in targets:
         groups.ensure(t)
+    log.info("serving in %s", spec.dtype)
     log.info("process groups for %d topologies (%s) in %.0f ms", len(targets), " ".join(t.short for t in targets),
              (time.perf_counter() - t0) * 1e3)
     return Worker(spec, topo, runner, rt.rank, rt.world_size, rt.device, rt.control_group)

@@ -1,12 +1,21 @@
-"""Engine benchmark: throughput, TTFT and TPOT at several batch sizes and topologies, with HF
-transformers ``generate`` on the same machine and weights as the side-by-side reference.
+"""Serving benchmark: our gRPC server against HF transformers ``generate``, same prompts, same
+machine, one run, with the machine's physical limits measured alongside.
 
-    python scripts/bench_engine.py --model runs/smollm2 --world 3 --topologies 1x1 3x1 1x3
+    python scripts/bench_engine.py --model runs/smollm2 --dtypes fp32 bf16 --concurrency 1 8 32 64
+    python scripts/bench_engine.py --model runs/smollm2 --world 3 --topologies 3x1 1x3 --dtypes fp32 --no-hf
 
-Runs a torchrun world for our engine (this file in --worker mode), then HF in this process on
-the same weights (exported from the model dir), and prints one table. Every cell is the
-median over --runs runs after one warm-up run. Prompts are random token ids of equal length
-and EOS is ignored, so every request produces exactly --new-tokens tokens.
+For each dtype and topology it starts `remp serve` and sends ``c`` streams at once over gRPC
+(token-id prompts of mixed lengths, EOS ignored, --new-tokens each), for each concurrency ``c``;
+then HF ``generate`` runs the same ``c`` prompts as one left-padded batch in this process with
+the same thread count. Every cell: one warm-up, then --runs runs; tokens/s is the median run,
+TTFT/TPOT percentiles are over every request of those runs (HF: one value per run, the whole
+batch shares it).
+
+The limit beside each row is what this machine allows a decode step of ``c`` sequences: every
+weight read once per step (memory bandwidth, measured here) and 2 FLOP per parameter per token
+(matmul throughput at ``c`` rows in that dtype, measured here); decode tok/s = c / TPOT p50.
+Attention's KV reads and the prefill are left out of the limit (small next to the weights at
+these lengths), so the limit is a bound, not an estimate.
 """
 from __future__ import annotations
 
@@ -16,141 +25,243 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from remp_megatron.topology import Topology
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from remp_megatron.topology import Topology  # noqa: E402
+from server.client import RempClient  # noqa: E402
+from server.launch import ServerProcess  # noqa: E402
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (n, length), generator=g).tolist()
+@dataclass
+class Cell:
+    impl: str
+    dtype: str
+    concurrency: int
+    tok_s: float
+    ttft_p50: float
+    ttft_p99: float
+    tpot_p50: float
+    tpot_p99: float
 
 
-def summarize(runs: list[dict]) -> dict:
-    return {k: statistics.median(r[k] for r in runs) for k in ("tok_s", "ttft_s", "tpot_s")}
+def prompts(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """``n`` random token-id prompts, lengths uniform in [lo, hi] (the same list for every impl)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, int(length)).tolist() for length in rng.integers(lo, hi + 1, n)]
 
 
-def worker(args) -> None:
-    import torch.distributed as dist
-    from tqdm import tqdm
+def cell(impl: str, dtype: str, c: int, walls: list[float], ttfts: list[float], tpots: list[float],
+         new_tokens: int) -> Cell:
+    pct = lambda xs, q: float(np.percentile(xs, q))  # noqa: E731
+    return Cell(impl, dtype, c, c * new_tokens / statistics.median(walls), pct(ttfts, 50), pct(ttfts, 99),
+                pct(tpots, 50), pct(tpots, 99))
 
-    from remp_megatron.config import EngineConfig
-    from remp_megatron.engine import Engine
-    from remp_megatron.worker import load_worker, worker_loop
-    from remp_megatron.request import Request, SamplingParams
-    from remp_megatron.runtime import init_distributed
+
+def burst(addr: str, batch: list[list[int]], new_tokens: int) -> tuple[float, list[float], list[float]]:
+    """Send every prompt at once as a gRPC stream; (wall s, TTFTs, TPOTs)."""
+    ttft, tpot = [0.0] * len(batch), [0.0] * len(batch)
+    start = threading.Barrier(len(batch) + 1)
+
+    def one(i: int, client: RempClient) -> None:
+        start.wait()
+        sent, times = time.monotonic(), []
+        for chunk in client.stream(batch[i], max_new_tokens=new_tokens, ignore_eos=True):
+            times.extend([time.monotonic()] * len(chunk.token_ids))
+        if len(times) != new_tokens:
+            raise RuntimeError(f"request {i}: {len(times)} tokens, expected {new_tokens}")
+        ttft[i], tpot[i] = times[0] - sent, (times[-1] - times[0]) / max(1, len(times) - 1)
+
+    with RempClient(addr) as client:
+        threads = [threading.Thread(target=one, args=(i, client)) for i in range(len(batch))]
+        for th in threads:
+            th.start()
+        start.wait()
+        t0 = time.monotonic()
+        for th in threads:
+            th.join()
+        return time.monotonic() - t0, ttft, tpot
+
+
+def serve_runs(args, topo: Topology, dtype: str, work: list[list[int]], tmp: Path) -> list[Cell]:
+    c_max = max(args.concurrency)
+    # KV for the largest burst at full length (HF's cache holds it too), so no run measures preemption.
+    kv_tokens = c_max * (args.max_prompt + args.new_tokens + 16)
+    kv_mb = kv_tokens * kv_bytes_per_token(args.model, topo, dtype) / 2**20 * 1.05
+    threads = max(1, args.threads // args.world)
+    extra = ["--dtype", dtype, "--max-num-seqs", str(c_max), "--kv-budget-mb", f"{kv_mb:.1f}",
+             "--ep", str(topo.ep)]
+    cells = []
+    with ServerProcess(args.model, args.world, topo.tp, topo.pp, *extra, workdir=tmp, name=f"{topo.short}-{dtype}",
+                       env={"OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}) as server:
+        for c in args.concurrency:
+            burst(server.addr, work[:c], min(8, args.new_tokens))  # warm-up
+            walls, ttfts, tpots = [], [], []
+            for _ in range(args.runs):
+                wall, ttft, tpot = burst(server.addr, work[:c], args.new_tokens)
+                walls.append(wall)
+                ttfts += ttft
+                tpots += tpot
+            cells.append(cell(f"ReMP {topo}", dtype, c, walls, ttfts, tpots, args.new_tokens))
+            print(f"  {cells[-1]}", file=sys.stderr, flush=True)
+    return cells
+
+
+def kv_bytes_per_token(model: str, topo: Topology, dtype: str) -> float:
     from remp_megatron.spec import ModelSpec
-    from remp_megatron.topology import Topology
 
-    rt = init_distributed()
-    spec = ModelSpec.from_file(Path(args.model) / "config.json")
-    # KV for the largest batch at full length (HF's cache holds it too): no run is limited by preemption.
-    block = EngineConfig().block_size
-    num_blocks = max(args.batch_sizes) * -(-(args.prompt_len + args.new_tokens) // block)
-    cfg = EngineConfig(num_blocks=num_blocks, max_num_seqs=max(args.batch_sizes),
-                       max_tokens_per_step=max(args.batch_sizes) * args.prompt_len)
-    results = []
-    bar = tqdm(total=len(args.topologies) * len(args.batch_sizes) * (args.runs + 1), desc="engine runs",
-               file=sys.stderr, disable=rt.rank != 0)
-    for t in args.topologies:
-        worker = load_worker(rt, spec, args.model, Topology.parse(t), cfg)
-        if rt.rank != 0:
-            worker_loop(worker)
-            continue
-        engine = Engine(worker, cfg)
-        for b in args.batch_sizes:
-            runs = []
-            for r in range(args.runs + 1):
-                t0 = time.monotonic()
-                hs = [engine.add_request(Request(request_id=f"{t}-{b}-{r}-{i}", prompt_token_ids=p,
-                                                 params=SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)))
-                      for i, p in enumerate(prompts(b, args.prompt_len, spec.vocab_size))]
-                engine.run_until_idle()
-                wall = time.monotonic() - t0
-                bar.update()
-                if r == 0:
-                    continue  # warm-up
-                ttft = statistics.median(h.token_times[0] - h.arrival for h in hs)
-                tpot = statistics.median((h.token_times[-1] - h.token_times[0]) / (len(h.token_times) - 1) for h in hs)
-                runs.append({"tok_s": b * args.new_tokens / wall, "ttft_s": ttft, "tpot_s": tpot})
-            results.append({"impl": f"ReMP {worker.topo}", "batch": b, **summarize(runs)})
-        engine.stop_workers()
-    if rt.rank == 0:
-        Path(args.out).write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
+    spec = ModelSpec.from_file(Path(model) / "config.json")
+    return 2 * spec.num_layers // topo.pp * spec.num_kv_heads // topo.tp * spec.head_dim * TORCH_DTYPES[dtype].itemsize
 
 
-def hf_reference(args, hf_dir: Path) -> list[dict]:
-    from tqdm import tqdm
+def hf_runs(args, hf_dir: Path, dtype: str, work: list[list[int]]) -> tuple[list[Cell], int]:
+    """HF generate on left-padded batches; also returns the model's parameter count."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    torch.set_num_threads(args.hf_threads)
-    results = []
-    for b in tqdm(args.batch_sizes, desc="HF generate", file=sys.stderr):
-        ids = torch.tensor(prompts(b, args.prompt_len, model.config.vocab_size))
-        runs = []
-        for r in range(args.runs + 1):
-            with torch.no_grad():
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=TORCH_DTYPES[dtype]).eval()
+    pad = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
+    cells = []
+    for c in args.concurrency:
+        batch = work[:c]
+        width = max(map(len, batch))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+
+        def generate(n: int):
+            return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  pad_token_id=pad)
+
+        walls, ttfts, tpots = [], [], []
+        with torch.inference_mode():
+            generate(min(8, args.new_tokens))  # warm-up
+            for _ in range(args.runs):
                 t0 = time.monotonic()
-                model.generate(ids, max_new_tokens=1, do_sample=False)
+                generate(1)
                 ttft = time.monotonic() - t0
                 t0 = time.monotonic()
-                model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+                generate(args.new_tokens)
                 wall = time.monotonic() - t0
-            if r:
-                runs.append({"tok_s": b * args.new_tokens / wall, "ttft_s": ttft,
-                             "tpot_s": (wall - ttft) / (args.new_tokens - 1)})
-        results.append({"impl": "HF transformers", "batch": b, **summarize(runs)})
-    return results
+                walls.append(wall)
+                ttfts.append(ttft)
+                tpots.append((wall - ttft) / (args.new_tokens - 1))
+        cells.append(cell("HF transformers", dtype, c, walls, ttfts, tpots, args.new_tokens))
+        print(f"  {cells[-1]}", file=sys.stderr, flush=True)
+    return cells, sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class Limits:
+    read_gb_s: float  # memory read bandwidth
+    gflop_s: dict[int, float]  # matmul throughput at c rows
+
+    def tok_s(self, c: int, weight_bytes: float, flop_per_token: float) -> float:
+        return min(c * self.read_gb_s * 1e9 / weight_bytes, self.gflop_s[c] * 1e9 / flop_per_token)
+
+
+def measure_limits(hidden: int, width: int, dtype: torch.dtype, rows: list[int]) -> Limits:
+    """Memory read (sum of a 512 MiB array) and a [c, hidden] x [hidden, width] matmul, median of 5."""
+    def timed(fn, n: int = 5) -> float:
+        fn()
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    big = torch.ones(2**27, dtype=torch.float32)
+    read = big.numel() * 4 / timed(lambda: big.sum()) / 1e9
+    del big
+    w = torch.randn(width, hidden, dtype=dtype)
+    flops = {}
+    for c in rows:
+        x = torch.randn(c, hidden, dtype=dtype)
+        flops[c] = 2 * c * hidden * width / timed(lambda: [torch.nn.functional.linear(x, w) for _ in range(20)]) \
+            * 20 / 1e9
+    return Limits(read, flops)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--world", type=int, default=3)
-    p.add_argument("--topologies", nargs="+", default=["1x1", "3x1", "1x3"])
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 16])
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--world", type=int, default=1, help="ranks of the server (--nproc)")
+    p.add_argument("--topologies", nargs="+", default=["1x1"])
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(TORCH_DTYPES))
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
+    p.add_argument("--min-prompt", type=int, default=16)
+    p.add_argument("--max-prompt", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--hf-threads", type=int, default=2)
-    p.add_argument("--profile-out", help="write the adaptive policy's cost profile (JSON) here")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads in all (split across the server's ranks)")
+    p.add_argument("--no-hf", action="store_true", help="skip HF generate (the limits still need its model)")
+    p.add_argument("--json-out", type=Path, help="write every cell and the limits here")
+    p.add_argument("--profile-out", help="write the adaptive policy's cost profile (JSON) here (first dtype)")
     args = p.parse_args()
-    if args.worker:
-        return worker(args)
+    torch.set_num_threads(args.threads)
+    from remp_megatron.spec import ModelSpec
+
+    spec = ModelSpec.from_file(Path(args.model) / "config.json")
+    work = prompts(max(args.concurrency), args.min_prompt, args.max_prompt, spec.vocab_size)
+    cells: list[Cell] = []
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "engine.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.world}",
-               __file__, "--worker", "--out", str(out), *sys.argv[1:]]
-        subprocess.run(cmd, check=True)
-        rows = json.loads(out.read_text())
-        subprocess.run([sys.executable, "-m", "checkpoint_tools.convert", "export", args.model, f"{tmp}/hf"], check=True,
-                       stdout=subprocess.DEVNULL)
-        rows += hf_reference(args, Path(tmp) / "hf")
+        for dtype in args.dtypes:
+            for t in map(Topology.parse, args.topologies):
+                print(f"ReMP {t} {dtype} through gRPC ...", file=sys.stderr, flush=True)
+                cells += serve_runs(args, t, dtype, work, Path(tmp))
+        subprocess.run([sys.executable, "-m", "checkpoint_tools.convert", "export", args.model, f"{tmp}/hf"],
+                       check=True, stdout=subprocess.DEVNULL)
+        params = 0
+        for dtype in args.dtypes:
+            if args.no_hf:
+                from transformers import AutoModelForCausalLM
+
+                params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(f"{tmp}/hf").parameters())
+                continue
+            print(f"HF generate {dtype} ...", file=sys.stderr, flush=True)
+            hf, params = hf_runs(args, Path(tmp) / "hf", dtype, work)
+            cells += hf
+    # Decode reads every parameter once per step; the tied embedding is read as the output layer.
+    read_params = params - (0 if spec.tie_word_embeddings else spec.vocab_size * spec.hidden_size)
+    limits = {d: measure_limits(spec.hidden_size, 2 * spec.intermediate_size, TORCH_DTYPES[d], args.concurrency)
+              for d in args.dtypes}
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"cells": [asdict(c) for c in cells],
+                                             "limits": {d: asdict(v) for d, v in limits.items()}}, indent=1))
     if args.profile_out:
         from remp_megatron.policy import CostProfile, TopologyCost
 
-        ours = [r for r in rows if r["impl"].startswith("ReMP")]
-        lo, hi = min(args.batch_sizes), max(args.batch_sizes)
+        ours = [c for c in cells if c.impl.startswith("ReMP") and c.dtype == args.dtypes[0]]
+        lo, hi = min(args.concurrency), max(args.concurrency)
         CostProfile(tuple(
-            TopologyCost(t, next(r["tpot_s"] for r in ours if r["impl"] == f"ReMP {t}" and r["batch"] == lo),
-                         next(r["tok_s"] for r in ours if r["impl"] == f"ReMP {t}" and r["batch"] == hi))
+            TopologyCost(t, next(c.tpot_p50 for c in ours if c.impl == f"ReMP {t}" and c.concurrency == lo),
+                         next(c.tok_s for c in ours if c.impl == f"ReMP {t}" and c.concurrency == hi))
             for t in map(Topology.parse, args.topologies))).save(Path(args.profile_out))
-    hf = {r["batch"]: r for r in rows if r["impl"] == "HF transformers"}
-    print(f"\nprompt {args.prompt_len} tokens, {args.new_tokens} new tokens, median of {args.runs} runs\n")
-    print("| implementation | batch | tokens/s | × HF | TTFT ms | TPOT ms |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        ratio = r["tok_s"] / hf[r["batch"]]["tok_s"]
-        print(f"| {r['impl']} | {r['batch']} | {r['tok_s']:.1f} | {ratio:.2f} | {r['ttft_s'] * 1e3:.0f} | "
-              f"{r['tpot_s'] * 1e3:.0f} |")
+    hf = {(c.dtype, c.concurrency): c for c in cells if c.impl == "HF transformers"}
+    print(f"\nprompts {args.min_prompt}-{args.max_prompt} tokens (uniform), {args.new_tokens} new tokens, "
+          f"{args.threads} threads, {args.runs} runs; {params / 1e6:.0f}M parameters")
+    for d, lim in limits.items():
+        print(f"limits {d}: memory read {lim.read_gb_s:.1f} GB/s; matmul GFLOP/s at c rows: "
+              + ", ".join(f"{c}: {g:.0f}" for c, g in lim.gflop_s.items()))
+    print("\n| implementation | dtype | c | tokens/s | × HF | TTFT p50 / p99 ms | TPOT p50 / p99 ms | "
+          "decode tok/s | limit tok/s | % of limit |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for c in cells:
+        ref = hf.get((c.dtype, c.concurrency))
+        decode = c.concurrency / c.tpot_p50
+        limit = limits[c.dtype].tok_s(c.concurrency, read_params * TORCH_DTYPES[c.dtype].itemsize, 2 * read_params)
+        print(f"| {c.impl} | {c.dtype} | {c.concurrency} | {c.tok_s:.1f} | "
+              f"{c.tok_s / ref.tok_s if ref else float('nan'):.2f} | {c.ttft_p50 * 1e3:.0f} / {c.ttft_p99 * 1e3:.0f} | "
+              f"{c.tpot_p50 * 1e3:.0f} / {c.tpot_p99 * 1e3:.0f} | {decode:.0f} | {limit:.0f} | "
+              f"{100 * decode / limit:.0f}% |")
 
 
 if __name__ == "__main__":

@@ -30,14 +30,15 @@ if typing.TYPE_CHECKING:
 # `remp serve` flags: ServerConfig field ("engine."/"policy." for its nested configs) -> flag. Each flag's type,
 # default and help come from the field, so a default lives only in the config models.
 SERVE_FLAGS = {
-    "model": "--model", "tp": "--tp", "pp": "--pp", "host": "--host", "port": "--port", "http_port": "--http-port",
+    "model": "--model", "tp": "--tp", "pp": "--pp", "ep": "--ep", "host": "--host", "port": "--port", "http_port": "--http-port",
     "served_model_name": "--served-model-name",
     "metrics_port": "--metrics-port", "admin_token_file": "--admin-token-file", "tls_cert": "--tls-cert",
     "tls_key": "--tls-key", "max_prompt_tokens": "--max-prompt-tokens", "max_new_tokens": "--max-new-tokens",
     "shutdown_grace_s": "--shutdown-grace",
     "engine.kv_budget_mb": "--kv-budget-mb", "engine.max_num_seqs": "--max-num-seqs",
+    "engine.max_tokens_per_step": "--max-tokens-per-step",
     "engine.max_queue": "--max-queue", "engine.block_size": "--block-size",
-    "engine.prestage_budget_mb": "--prestage-budget-mb",
+    "engine.prestage_budget_mb": "--prestage-budget-mb", "engine.dtype": "--dtype",
     "policy_profile": "--policy-profile", "policy_enabled": "--policy", "policy.interval_s": "--policy-interval",
     "policy.low_load": "--policy-low", "policy.high_load": "--policy-high", "policy.patience": "--policy-patience",
     "policy.min_dwell_s": "--policy-min-dwell",
@@ -75,6 +76,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             kw["help"] += f" (default: {field.default})"
         value_type = next(t for t in typing.get_args(field.annotation) or (field.annotation,)
                           if t is not type(None))  # Optional[X] -> X
+        if typing.get_origin(value_type) is typing.Literal:
+            parser.add_argument(flag, choices=typing.get_args(value_type), required=field.is_required(), **kw)
+            continue
         parser.add_argument(flag, type=value_type, required=field.is_required(),
                             metavar=flag[2:].upper().replace("-", "_"), **kw)
 
@@ -169,7 +173,7 @@ def cmd_status(args) -> int:
 
     with _client(args) as c:
         st = c.status()
-    text = (f"topology {st.topology}  world {st.world_size}  active {list(st.active_ranks)}  standby "
+    text = (f"topology {st.topology}  {st.dtype}  world {st.world_size}  active {list(st.active_ranks)}  standby "
             f"{list(st.standby_ranks)}\nqueue {st.queue_depth}  running {st.running_requests}  KV blocks used "
             f"{st.kv_blocks_used} free {st.kv_blocks_free} (block {st.kv_block_size})\nswitches: "
             + ("none" if not st.switch_history else "".join(

@@ -187,7 +187,7 @@ class Service:
             queue_depth=load.queued, running_requests=load.running, kv_blocks_used=load.kv_blocks_used,
             kv_blocks_free=load.kv_blocks_free, kv_block_size=self.engine.cfg.block_size,
             switch_history=list(self.switches.history), reconfiguring=self.switches.busy,
-            policy=self.policy.state() if self.policy is not None else None)
+            policy=self.policy.state() if self.policy is not None else None, dtype=self.engine.spec.dtype)
 
     def request_shutdown(self) -> None:
         if self.shutdown is None:

@@ -1,0 +1,35 @@
+"""megatron-core's tensor-parallel linears with a forward for inference only.
+
+Same classes underneath (parameters, TP sharding, checkpoint keys, resharding all unchanged);
+only ``forward`` is replaced. Megatron's goes through an autograd Function, region-copy
+Functions and per-call checks built for training: about 0.1 ms per call on CPU, a quarter of
+a batch-1 decode step of SmolLM2 (4 linears x 30 layers). Here: the same ``matmul(x, W.t())``
+(bit-identical results) and, for the row-parallel one, the same all-reduce over the TP group.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+
+class InferenceColumnParallelLinear(ColumnParallelLinear):
+    def forward(self, input_: torch.Tensor, weight=None, runtime_gather_output=None):
+        # Used inside transformer layers only: no output gather, no sequence parallelism.
+        assert not (self.gather_output or runtime_gather_output or self.sequence_parallel)
+        out = torch.matmul(input_, (self.weight if weight is None else weight).t())
+        if self.skip_bias_add or self.bias is None:
+            return out, self.bias if self.skip_bias_add else None
+        return out + self.bias, None
+
+
+class InferenceRowParallelLinear(RowParallelLinear):
+    def forward(self, input_: torch.Tensor):
+        assert self.input_is_parallel and not self.sequence_parallel
+        out = torch.matmul(input_, self.weight.t())
+        # Experts' partial sums are combined by the token dispatcher instead (megatron's rule).
+        if not self.explicit_expert_comm and self.tp_group.size() > 1:
+            dist.all_reduce(out, group=self.tp_group)
+        if self.skip_bias_add or self.bias is None:
+            return out, self.bias if self.skip_bias_add else None
+        return out + self.bias, None
