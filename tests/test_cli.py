@@ -24,19 +24,27 @@ def test_no_flags_gives_the_model_defaults(monkeypatch):
 
 def test_each_flag_sets_its_field(monkeypatch):
     cfg = serve_config(
-        monkeypatch, "--tp", "2", "--pp", "3", "--host", "localhost", "--port", "0", "--http-port", "0",
+        monkeypatch, "--tp", "2", "--pp", "3", "--ep", "2", "--host", "localhost", "--port", "0", "--http-port", "0",
         "--served-model-name", "m", "--metrics-port", "9",
         "--admin-token-file", "tok", "--tls-cert", "c.pem", "--tls-key", "k.pem", "--max-prompt-tokens", "7",
         "--max-new-tokens", "8", "--shutdown-grace", "1.5", "--kv-budget-mb", "8", "--max-num-seqs", "2",
-        "--max-queue", "3", "--block-size", "4", "--policy-profile", "p.json", "--policy", "--policy-interval", "0.5",
+        "--max-tokens-per-step", "6", "--dtype", "bf16", "--max-queue", "3", "--block-size", "4", "--policy-profile", "p.json", "--policy", "--policy-interval", "0.5",
         "--policy-low", "0", "--policy-high", "2", "--policy-patience", "5", "--policy-min-dwell", "0")
     assert cfg == ServerConfig(
-        model=MODEL.resolve(), tp=2, pp=3, host="localhost", port=0, http_port=0, served_model_name="m",
+        model=MODEL.resolve(), tp=2, pp=3, ep=2, host="localhost", port=0, http_port=0, served_model_name="m",
         metrics_port=9, admin_token_file=Path("tok"),
         tls_cert=Path("c.pem"), tls_key=Path("k.pem"), max_prompt_tokens=7, max_new_tokens=8, shutdown_grace_s=1.5,
-        engine=EngineConfig(kv_budget_mb=8, max_num_seqs=2, max_queue=3, block_size=4),
+        engine=EngineConfig(kv_budget_mb=8, max_num_seqs=2, max_tokens_per_step=6, dtype="bf16", max_queue=3,
+                            block_size=4),
         policy_profile=Path("p.json"), policy_enabled=True,
         policy=PolicyConfig(interval_s=0.5, low_load=0, high_load=2, patience=5, min_dwell_s=0))
+
+
+def test_dtype_is_one_of_the_serving_dtypes(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--model", str(MODEL), "--nproc", "1", "--dtype", "float8"])
+    err = capsys.readouterr().err
+    assert "argument --dtype: invalid choice: 'float8'" in err and all(d in err for d in ("fp32", "bf16", "fp16"))
 
 
 def test_help_lists_every_flag_with_its_models_default(capsys):

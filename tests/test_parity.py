@@ -31,6 +31,7 @@ EP_TOPOLOGIES = ["2x1x2", "2x2x2", "4x1x2", "4x1x4"]  # MoE models only: experts
 # summation order departs most from HF's: the widest TP, experts spread widest.
 TINY_FP32_TOPOLOGIES = ["4x1", "4x1x4"]
 SMOL_TOPOLOGIES = ["1x1", "3x1", "1x3"]
+SMOL_BF16_TOPOLOGY = "3x1"  # serving in bf16 (cast at load, shards of the fp32 checkpoint): one TP>1 topology
 DTYPES = ["float32", "float64"]
 CHAT = [
     "What is the capital of France?",
@@ -38,6 +39,9 @@ CHAT = [
     "List three prime numbers.",
     "How many legs does a spider have?",
 ]
+# bf16 greedy is compared on prompts whose next tokens are near-certain (test_smollm2_bf16_...).
+WIDE = [", ".join(map(str, range(1, 31))) + ",", ", ".join(map(str, range(100, 131))) + ","]
+BF16_GREEDY = 2
 FP64_REL = 1e-12  # see the module docstring
 K_FP32 = 4  # see assert_fp32_within_hf_rounding
 
@@ -151,7 +155,7 @@ def tiny_results(llama_mg, qwen2_mg, llama3_mg, qwen3_mg, mixtral_mg, qwen3_moe_
     (d / "prompts.json").write_text(json.dumps(tiny_prompts))
     models = [llama_mg, qwen2_mg, llama3_mg, qwen3_mg, mixtral_mg, qwen3_moe_mg]
     torchrun("logits_world.py", 4, ["--models", *models, "--topologies", *TINY_TOPOLOGIES, *EP_TOPOLOGIES,
-                                    "--fp32-topologies", *TINY_FP32_TOPOLOGIES,
+                                    "--dtype-topologies", "float32=" + ",".join(TINY_FP32_TOPOLOGIES),
                                     "--dtypes", *DTYPES, "--prompts", d / "prompts.json", "--out", d], timeout=600)
     return d
 
@@ -186,20 +190,38 @@ def test_tiny_logits_match_hf_fp32(which, topo, tiny_results, tiny_oracles):
 
 
 @pytest.fixture(scope="module")
-def smol_prompts(smol_mg):
+def hf_bf16(smol_hf):
+    return with_attention(smol_hf, "sdpa").to(torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def smol_wide(smol_mg, hf_bf16) -> list[tuple[list[int], list[int]]]:
+    """WIDE prompts and HF-bf16's greedy continuation of each."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smol_mg))
+    return [(ids, hf_greedy(hf_bf16, ids, BF16_GREEDY)[0]) for ids in (tok.encode(w) for w in WIDE)]
+
+
+@pytest.fixture(scope="module")
+def smol_prompts(smol_mg, smol_wide):
+    """The chat prompts, then each WIDE prompt, then each WIDE prompt followed by HF-bf16's
+    continuation (our logits along HF's greedy path)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(smol_mg))
     return [list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=True)["input_ids"]) for q in CHAT]
+                                         tokenize=True, return_dict=True)["input_ids"]) for q in CHAT] + \
+        [ids for ids, _ in smol_wide] + [ids + ref[:-1] for ids, ref in smol_wide]
 
 
 @pytest.fixture(scope="module")
 def smol_results(smol_mg, smol_prompts, tmp_path_factory):
     d = tmp_path_factory.mktemp("smol-logits")
     (d / "prompts.json").write_text(json.dumps(smol_prompts))
-    torchrun("logits_world.py", 3, ["--models", smol_mg, "--topologies", *SMOL_TOPOLOGIES, "--dtypes", *DTYPES,
-                                    "--prompts", d / "prompts.json", "--out", d, "--greedy", 16], timeout=600)
+    torchrun("logits_world.py", 3, ["--models", smol_mg, "--topologies", *SMOL_TOPOLOGIES, "--dtypes", *DTYPES, "bf16",
+                                    "--dtype-topologies", f"bf16={SMOL_BF16_TOPOLOGY}", "--prompts",
+                                    d / "prompts.json", "--out", d, "--greedy", 16], timeout=600)
     return d
 
 
@@ -214,19 +236,49 @@ def test_smollm2_logits_match_hf_fp64(topo, smol_results, smol_oracle):
     assert_fp64_exact(load_ours(smol_results, "smollm2", "float64", topo)["logits"], smol_oracle.fp64)
 
 
+@pytest.fixture(scope="module")
+def smol_hf_greedy(smol_hf, smol_prompts) -> list[tuple[list[int], float]]:
+    return [hf_greedy(smol_hf, ids, 16) for ids in smol_prompts]
+
+
 @pytest.mark.parametrize("topo", SMOL_TOPOLOGIES)
-def test_smollm2_logits_and_greedy_match_hf_fp32(topo, smol_results, smol_prompts, smol_oracle, smol_hf):
+def test_smollm2_logits_and_greedy_match_hf_fp32(topo, smol_results, smol_oracle, smol_hf_greedy):
     """fp32 logits within K_FP32 x HF's own summation-order discrepancy
     (assert_fp32_within_hf_rounding); greedy tokens equal where HF's top-2 margin is clear."""
     ours = load_ours(smol_results, "smollm2", "float32", topo)
     assert_fp32_within_hf_rounding(ours["logits"], smol_oracle)
     compared = 0
-    for ids, got in zip(smol_prompts, ours["greedy"]):
-        ref, margin = hf_greedy(smol_hf, ids, 16)
+    for got, (ref, margin) in zip(ours["greedy"], smol_hf_greedy):
         if margin > CLEAR_MARGIN:  # near-ties cannot be asked to break the same way (DESIGN.md §5)
             assert got == ref
             compared += 1
     assert compared >= 2, "too few chat prompts with a clear greedy margin"
+
+
+def test_smollm2_bf16_serving_matches_hf_bf16(smol_results, smol_prompts, smol_wide, hf_bf16):
+    """`--dtype bf16` (weights cast from the fp32 checkpoint at load, bf16 KV cache, attention in
+    fp32 on CPU) against HF's own bf16 model.
+
+    Logits of every prompt: within K_FP32 x HF-bf16's eager-vs-sdpa discrepancy (the fp32 rule;
+    bf16 rounding makes it ~1 logit here). Greedy on the WIDE prompts: along HF's greedy path our
+    logits differ from HF's by some d at each decision position; where HF's top-2 margin exceeds
+    2d there, the argmax cannot differ, so the engine's greedy decode (KV cache, decode steps)
+    must produce HF's tokens."""
+    sdpa = [x.float() for x in hf_logits(hf_bf16, smol_prompts)]
+    self_diff = max_diff([x.float() for x in hf_logits(with_attention(hf_bf16, "eager"), smol_prompts)], sdpa)
+    ours = load_ours(smol_results, "smollm2", "bf16", SMOL_BF16_TOPOLOGY)
+    assert ours["dtype"] == "bfloat16"
+    err, bound = max_diff(ours["logits"], sdpa), K_FP32 * self_diff
+    assert 0 < err <= bound, f"bf16 max|Δlogits| {err:.3g} vs bound {bound:.3g} (HF-bf16 eager vs sdpa {self_diff:.3g})"
+    n = len(smol_wide)
+    for i, (ids, ref) in enumerate(smol_wide):
+        forced = len(smol_prompts) - n + i  # ids + ref[:-1]
+        decide = slice(len(ids) - 1, None)
+        d = (ours["logits"][forced][decide] - sdpa[forced][decide]).abs().max().item()
+        top = sdpa[forced][decide].topk(2).values
+        margin = (top[:, 0] - top[:, 1]).min().item()
+        assert margin > 2 * d, f"WIDE[{i}]: HF-bf16 margin {margin:.3g} <= 2 x our deviation {d:.3g}: pick another"
+        assert ours["greedy"][len(smol_prompts) - 2 * n + i][:len(ref)] == ref
 
 
 def test_every_cpu_patch_is_needed_and_sufficient(tmp_path):

@@ -112,6 +112,7 @@ def test_thirty_streams_survive_three_switches(client, reference):
         assert toks == ref and reason in ("length", "stop")
     st = client.status()
     assert st.topology == "TP2·PP2" and sum(s.committed for s in st.switch_history) >= 3
+    assert st.dtype == "float32"  # the checkpoint's dtype: the CPU default
 
 
 def assert_prestaged(events, last):

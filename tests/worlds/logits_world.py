@@ -1,17 +1,19 @@
 """torchrun world for parity tests, per model, dtype and topology: full-sequence logits of
-each prompt and (with --greedy N, fp32 only: the serving dtype) N greedy tokens per prompt.
+each prompt and (with --greedy N, serving dtypes only) N greedy tokens per prompt.
 
 One world serves every (model, dtype, topology) case: parallel state is re-initialised in
 place. ``--dtypes float64`` builds the model in fp64 from the same (fp32) checkpoint, so
-parity can be checked without fp32 rounding noise. Rank 0 (the driver, which receives the
+parity can be checked without fp32 rounding noise; a serving dtype (``bf16``, ``fp16``) goes
+through the server's own path (``EngineConfig.dtype``: cast at load). Rank 0 (the driver, which receives the
 last stage's logits) writes {out}/{model}__{dtype}__{topology.short}.pt:
-{"logits": [[len, vocab]...], "greedy": [[N ids]...]}; greedy decoding runs through the
+{"dtype": as served, "logits": [[len, vocab]...], "greedy": [[N ids]...]}; greedy decoding runs through the
 engine with EOS ignored.
 """
 import argparse
 import itertools
 import json
 from pathlib import Path
+from typing import get_args
 
 import torch
 
@@ -21,7 +23,7 @@ from remp_megatron.worker import load_worker, worker_loop
 from remp_megatron.request import Request, SamplingParams
 from remp_megatron.scheduler import StepPlan
 from remp_megatron.runtime import init_distributed
-from remp_megatron.spec import ModelSpec
+from remp_megatron.spec import ModelSpec, ServingDtype
 from remp_megatron.topology import Topology
 
 BLOCK = 16
@@ -34,25 +36,29 @@ def main():
     p.add_argument("--prompts", required=True, help="json: list of token-id lists")
     p.add_argument("--out", required=True)
     p.add_argument("--greedy", type=int, default=0)
-    p.add_argument("--dtypes", nargs="+", default=["float32"], help="model dtypes to run (float32, float64)")
-    p.add_argument("--fp32-topologies", nargs="+", help="run float32 only at these (default: every topology)")
+    p.add_argument("--dtypes", nargs="+", default=["float32"], help="float32, float64, or a serving dtype (bf16)")
+    p.add_argument("--dtype-topologies", nargs="+", default=[], metavar="DTYPE=T1,T2",
+                   help="run DTYPE only at these topologies (default: every topology)")
     args = p.parse_args()
     rt = init_distributed()
     prompts = json.loads(Path(args.prompts).read_text())
+    only = {d: ts.split(",") for d, ts in (x.split("=") for x in args.dtype_topologies)}
     for model_dir, dtype in itertools.product(args.models, args.dtypes):
         # Same (fp32) checkpoint, model built in `dtype`: loading casts into the model's tensors.
-        spec = ModelSpec.from_file(Path(model_dir) / "config.json").model_copy(update={"dtype": dtype})
-        greedy = args.greedy if dtype == "float32" else 0
-        for t in args.topologies:
+        spec = ModelSpec.from_file(Path(model_dir) / "config.json")
+        serving = dtype in get_args(ServingDtype)
+        if not serving:
+            spec = spec.model_copy(update={"dtype": dtype})
+        greedy = args.greedy if serving or dtype == "float32" else 0
+        for t in only.get(dtype, args.topologies):
             topo = Topology.parse(t)
             if topo.ep > 1 and spec.moe is None:  # expert parallelism: MoE models only
                 continue
-            if dtype == "float32" and args.fp32_topologies and t not in args.fp32_topologies:
-                continue
-            cfg = EngineConfig(block_size=BLOCK, num_blocks=sum(-(-(len(x) + args.greedy) // BLOCK) for x in prompts))
+            cfg = EngineConfig(block_size=BLOCK, num_blocks=sum(-(-(len(x) + args.greedy) // BLOCK) for x in prompts),
+                               dtype=dtype if serving else None)
             worker = load_worker(rt, spec, model_dir, topo, cfg)
             runner = worker.runner
-            result = {}
+            result = {"dtype": worker.spec.dtype}  # as served
             if runner is not None:
                 # Every position's logits, prompts packed in one step (blocks after each other).
                 tables, nxt = [], 0
