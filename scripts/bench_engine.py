@@ -259,7 +259,7 @@ def main() -> None:
         decode = c.concurrency / c.tpot_p50
         limit = limits[c.dtype].tok_s(c.concurrency, read_params * TORCH_DTYPES[c.dtype].itemsize, 2 * read_params)
         print(f"| {c.impl} | {c.dtype} | {c.concurrency} | {c.tok_s:.1f} | "
-              f"{c.tok_s / ref.tok_s if ref else float('nan'):.2f} | {c.ttft_p50 * 1e3:.0f} / {c.ttft_p99 * 1e3:.0f} | "
+              f"{f'{c.tok_s / ref.tok_s:.2f}' if ref else '–'} | {c.ttft_p50 * 1e3:.0f} / {c.ttft_p99 * 1e3:.0f} | "
               f"{c.tpot_p50 * 1e3:.0f} / {c.tpot_p99 * 1e3:.0f} | {decode:.0f} | {limit:.0f} | "
               f"{100 * decode / limit:.0f}% |")
 
