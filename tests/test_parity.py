@@ -204,24 +204,30 @@ def smol_wide(smol_mg, hf_bf16) -> list[tuple[list[int], list[int]]]:
 
 
 @pytest.fixture(scope="module")
-def smol_prompts(smol_mg, smol_wide):
-    """The chat prompts, then each WIDE prompt, then each WIDE prompt followed by HF-bf16's
-    continuation (our logits along HF's greedy path)."""
+def smol_prompts(smol_mg):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(smol_mg))
     return [list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=True)["input_ids"]) for q in CHAT] + \
-        [ids for ids, _ in smol_wide] + [ids + ref[:-1] for ids, ref in smol_wide]
+                                         tokenize=True, return_dict=True)["input_ids"]) for q in CHAT]
 
 
 @pytest.fixture(scope="module")
-def smol_results(smol_mg, smol_prompts, tmp_path_factory):
+def smol_bf16_prompts(smol_prompts, smol_wide):
+    """The chat prompts, then each WIDE prompt, then each WIDE prompt followed by HF-bf16's
+    continuation (our logits along HF's greedy path)."""
+    return smol_prompts + [ids for ids, _ in smol_wide] + [ids + ref[:-1] for ids, ref in smol_wide]
+
+
+@pytest.fixture(scope="module")
+def smol_results(smol_mg, smol_prompts, smol_bf16_prompts, tmp_path_factory):
     d = tmp_path_factory.mktemp("smol-logits")
     (d / "prompts.json").write_text(json.dumps(smol_prompts))
+    (d / "bf16-prompts.json").write_text(json.dumps(smol_bf16_prompts))
     torchrun("logits_world.py", 3, ["--models", smol_mg, "--topologies", *SMOL_TOPOLOGIES, "--dtypes", *DTYPES, "bf16",
                                     "--dtype-topologies", f"bf16={SMOL_BF16_TOPOLOGY}", "--prompts",
-                                    d / "prompts.json", "--out", d, "--greedy", 16], timeout=600)
+                                    d / "prompts.json", "--dtype-prompts", f"bf16={d / 'bf16-prompts.json'}",
+                                    "--out", d, "--greedy", 16], timeout=600)
     return d
 
 
@@ -255,7 +261,7 @@ def test_smollm2_logits_and_greedy_match_hf_fp32(topo, smol_results, smol_oracle
     assert compared >= 2, "too few chat prompts with a clear greedy margin"
 
 
-def test_smollm2_bf16_serving_matches_hf_bf16(smol_results, smol_prompts, smol_wide, hf_bf16):
+def test_smollm2_bf16_serving_matches_hf_bf16(smol_results, smol_bf16_prompts, smol_wide, hf_bf16):
     """`--dtype bf16` (weights cast from the fp32 checkpoint at load, bf16 KV cache, attention in
     fp32 on CPU) against HF's own bf16 model.
 
@@ -264,21 +270,22 @@ def test_smollm2_bf16_serving_matches_hf_bf16(smol_results, smol_prompts, smol_w
     logits differ from HF's by some d at each decision position; where HF's top-2 margin exceeds
     2d there, the argmax cannot differ, so the engine's greedy decode (KV cache, decode steps)
     must produce HF's tokens."""
-    sdpa = [x.float() for x in hf_logits(hf_bf16, smol_prompts)]
-    self_diff = max_diff([x.float() for x in hf_logits(with_attention(hf_bf16, "eager"), smol_prompts)], sdpa)
+    prompts = smol_bf16_prompts
+    sdpa = [x.float() for x in hf_logits(hf_bf16, prompts)]
+    self_diff = max_diff([x.float() for x in hf_logits(with_attention(hf_bf16, "eager"), prompts)], sdpa)
     ours = load_ours(smol_results, "smollm2", "bf16", SMOL_BF16_TOPOLOGY)
     assert ours["dtype"] == "bfloat16"
     err, bound = max_diff(ours["logits"], sdpa), K_FP32 * self_diff
     assert 0 < err <= bound, f"bf16 max|Δlogits| {err:.3g} vs bound {bound:.3g} (HF-bf16 eager vs sdpa {self_diff:.3g})"
     n = len(smol_wide)
     for i, (ids, ref) in enumerate(smol_wide):
-        forced = len(smol_prompts) - n + i  # ids + ref[:-1]
+        forced = len(prompts) - n + i  # ids + ref[:-1]
         decide = slice(len(ids) - 1, None)
         d = (ours["logits"][forced][decide] - sdpa[forced][decide]).abs().max().item()
         top = sdpa[forced][decide].topk(2).values
         margin = (top[:, 0] - top[:, 1]).min().item()
         assert margin > 2 * d, f"WIDE[{i}]: HF-bf16 margin {margin:.3g} <= 2 x our deviation {d:.3g}: pick another"
-        assert ours["greedy"][len(smol_prompts) - 2 * n + i][:len(ref)] == ref
+        assert ours["greedy"][len(prompts) - 2 * n + i][:len(ref)] == ref
 
 
 def test_every_cpu_patch_is_needed_and_sufficient(tmp_path):

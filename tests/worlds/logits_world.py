@@ -34,6 +34,8 @@ def main():
     p.add_argument("--models", nargs="+", required=True)
     p.add_argument("--topologies", nargs="+", required=True)
     p.add_argument("--prompts", required=True, help="json: list of token-id lists")
+    p.add_argument("--dtype-prompts", nargs="+", default=[], metavar="DTYPE=FILE",
+                   help="DTYPE runs these prompts instead")
     p.add_argument("--out", required=True)
     p.add_argument("--greedy", type=int, default=0)
     p.add_argument("--dtypes", nargs="+", default=["float32"], help="float32, float64, or a serving dtype (bf16)")
@@ -41,9 +43,10 @@ def main():
                    help="run DTYPE only at these topologies (default: every topology)")
     args = p.parse_args()
     rt = init_distributed()
-    prompts = json.loads(Path(args.prompts).read_text())
     only = {d: ts.split(",") for d, ts in (x.split("=") for x in args.dtype_topologies)}
+    prompt_files = dict(x.split("=") for x in args.dtype_prompts)
     for model_dir, dtype in itertools.product(args.models, args.dtypes):
+        prompts = json.loads(Path(prompt_files.get(dtype, args.prompts)).read_text())
         # Same (fp32) checkpoint, model built in `dtype`: loading casts into the model's tensors.
         spec = ModelSpec.from_file(Path(model_dir) / "config.json")
         serving = dtype in get_args(ServingDtype)
