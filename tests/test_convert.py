@@ -1,13 +1,14 @@
 """remp-convert: round trips, inspect, and every bad-input case (real files, real CLI)."""
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import convert
+from conftest import ROOT, convert, run
 from gguf_writer import write_gguf
 from remp_megatron.spec import ModelSpec
 
@@ -154,17 +155,59 @@ BAD = ["missing-src", "no-config", "no-weights", "unsupported-arch", "shape-mism
        "extra-tensor", "truncated-safetensors", "corrupt-gguf", "gguf-rope-scaling", "not-a-model"]
 
 
+def _assert_one_clear_line(code: int, stderr: str, expected: str, out_parent: Path) -> None:
+    assert code != 0
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("remp-convert: error:")]
+    assert len(errors) == 1 and expected in errors[0], stderr[-2000:]
+    assert list(out_parent.iterdir()) == []  # neither OUT nor a partial temp dir
+
+
+# Every case runs the CLI's own ``main`` in one child process (a process per case cost ~5 s of
+# imports each; a child, because an import sets up torch.distributed state that must not leak
+# into pytest); one case also runs as the real `remp-convert` process below.
+_RUN_CASES = """
+import contextlib, io, json, sys, traceback
+from checkpoint_tools.convert import main
+results = {}
+for case, src, out in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(["import", src, out])
+        except BaseException:
+            code, _ = 99, traceback.print_exc()
+    results[case] = {"code": code, "stderr": err.getvalue()}
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_results(llama_hf, smol_gguf, tmp_path_factory) -> dict[str, tuple[dict, str, Path]]:
+    cases = {}
+    for case in BAD:
+        tmp = tmp_path_factory.mktemp(case)
+        src, expected = _case(case, llama_hf, smol_gguf, tmp)
+        (tmp / "outputs").mkdir()
+        cases[case] = (src, expected, tmp / "outputs")
+    job = json.dumps([[case, str(src), str(out / "out")] for case, (src, _, out) in cases.items()])
+    proc = run([sys.executable, "-c", _RUN_CASES, job], 300, cwd=ROOT)
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {case: (results[case], expected, out) for case, (_, expected, out) in cases.items()}
+
+
 @pytest.mark.parametrize("case", BAD)
-def test_bad_input_gives_one_clear_line_and_no_output(case, llama_hf, smol_gguf, tmp_path):
-    src, expected = _case(case, llama_hf, smol_gguf, tmp_path)
+def test_bad_input_gives_one_clear_line_and_no_output(case, bad_results):
+    result, expected, out_parent = bad_results[case]
+    _assert_one_clear_line(result["code"], result["stderr"], expected, out_parent)
+
+
+def test_bad_input_through_the_cli_process(llama_hf, smol_gguf, tmp_path):
+    src, expected = _case("shape-mismatch", llama_hf, smol_gguf, tmp_path)
     out_parent = tmp_path / "outputs"
     out_parent.mkdir()
     proc = convert("import", src, out_parent / "out", check=False)
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("remp-convert: error:")]
-    assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
-    assert list(out_parent.iterdir()) == []  # neither OUT nor a partial temp dir
+    _assert_one_clear_line(proc.returncode, proc.stderr, expected, out_parent)
 
 
 def test_existing_output_is_not_overwritten(llama_hf, tmp_path):
