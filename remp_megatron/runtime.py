@@ -7,8 +7,10 @@ they stay on the CPU whatever the data plane is.
 from __future__ import annotations
 
 import datetime
+import importlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +43,34 @@ def accelerator() -> tuple[str, str]:
     return acc.device_name(), acc.communication_backend_name()
 
 
+# What a rank builds from: models, MoE layers, dist-checkpointing.
+MEGATRON_MODULES = ("megatron.core.models.gpt.gpt_model", "megatron.core.transformer.moe.moe_layer",
+                    "megatron.core.dist_checkpointing")
+
+
+def _no_compile(model=None, **_):
+    return model if model is not None else (lambda fn: fn)
+
+
+def import_megatron() -> None:
+    """Import megatron-core with ``torch.compile`` a no-op while its modules load.
+
+    megatron decorates its fused kernels with ``torch.compile`` (``megatron.core.jit.jit_fuser``),
+    which imports TorchInductor: ~2 of the ~3.5 s a rank spends importing megatron (every rank of
+    every world and server pays it). We never call those kernels (fusions are off in
+    ``model.megatron_config``: the unfused paths are exact on every device), and megatron's
+    ``jit_fuser`` stays the no-op for any of its modules imported later.
+    """
+    if "megatron.core" in sys.modules:
+        return
+    real, torch.compile = torch.compile, _no_compile
+    try:
+        for name in MEGATRON_MODULES:
+            importlib.import_module(name)
+    finally:
+        torch.compile = real
+
+
 def init_distributed(timeout_s: float = 300.0, rank: int | None = None, world: int | None = None,
                      init_method: str | None = None) -> Runtime:
     """Initialise torch.distributed from torchrun's environment (or a 1-rank world). ``rank``,
@@ -49,6 +79,7 @@ def init_distributed(timeout_s: float = 300.0, rank: int | None = None, world: i
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if init_method is None else rank
+    import_megatron()
     device_type, backend = accelerator()
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
