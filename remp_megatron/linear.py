@@ -2,9 +2,10 @@
 
 Same classes underneath (parameters, TP sharding, checkpoint keys, resharding all unchanged);
 only ``forward`` is replaced. Megatron's goes through an autograd Function, region-copy
-Functions and per-call checks built for training: about 0.1 ms per call on CPU, a quarter of
-a batch-1 decode step of SmolLM2 (4 linears x 30 layers). Here: the same ``matmul(x, W.t())``
-(bit-identical results) and, for the row-parallel one, the same all-reduce over the TP group.
+Functions and per-call checks built for training: ~0.03 ms per call on CPU (SmolLM2's four
+linears of a layer at batch 1: 1.48 -> 1.36 ms; ~4 ms of a 75 ms decode step). Here: the same
+``matmul(x, W.t())`` (bit-identical results) and, for the row-parallel one, the same all-reduce
+over the TP group.
 """
 from __future__ import annotations
 

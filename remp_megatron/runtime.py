@@ -56,8 +56,8 @@ def import_megatron() -> None:
     """Import megatron-core with ``torch.compile`` a no-op while its modules load.
 
     megatron decorates its fused kernels with ``torch.compile`` (``megatron.core.jit.jit_fuser``),
-    which imports TorchInductor: ~2 of the ~3.5 s a rank spends importing megatron (every rank of
-    every world and server pays it). We never call those kernels (fusions are off in
+    which imports TorchInductor: ~1.5 of the ~3.7 s a rank spent importing torch and megatron
+    (every rank of every world and server pays it). We never call those kernels (fusions are off in
     ``model.megatron_config``: the unfused paths are exact on every device), and megatron's
     ``jit_fuser`` stays the no-op for any of its modules imported later.
     """
