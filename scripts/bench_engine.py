@@ -117,10 +117,11 @@ def serve_runs(args, topo: Topology, dtype: str, work: list[list[int]], tmp: Pat
 
 
 def kv_bytes_per_token(model: str, topo: Topology, dtype: str) -> float:
+    from remp_megatron.kv_cache import block_bytes
     from remp_megatron.spec import ModelSpec
 
-    spec = ModelSpec.from_file(Path(model) / "config.json")
-    return 2 * spec.num_layers // topo.pp * spec.num_kv_heads // topo.tp * spec.head_dim * TORCH_DTYPES[dtype].itemsize
+    spec = ModelSpec.from_file(Path(model) / "config.json").served_in(dtype, torch.device("cpu"))
+    return block_bytes(spec, topo, block_size=1)
 
 
 def hf_runs(args, hf_dir: Path, dtype: str, work: list[list[int]]) -> tuple[list[Cell], int]:
