@@ -8,67 +8,22 @@ and reports the full state; switches happen there.
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import threading
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Callable, Iterable, Optional
 
 from .config import EngineConfig
 from .model_runner import ModelRunner
 from .output import OutputProcessor
 from .reconfigure import MODES, Fault, PrestageOrder, ReconfigureOrder, RolledBack, Timeline
-from .request import FinishReason, Request, Sequence, SequenceState, StepOutput
+from .request import FinishReason, Request, RequestHandle, Sequence, SequenceState, StepOutput
 from .sampler import sample_one
 from .scheduler import Scheduled, Scheduler, SchedulerConfig, StepPlan
 from .topology import Topology
 from .worker import Prestage, PrestageKV, PrestageRounds, Reconfigure, Step, Stop, Worker
 
 log = logging.getLogger("remp.engine")
-
-
-@dataclass
-class Completion:
-    token_ids: list[int]
-    text: str
-    finish_reason: Optional[FinishReason]
-
-
-class RequestHandle:
-    """A request's stream of StepOutputs, with its timing. Read it by iterating (thread-safe), or
-    give a ``sink`` that each output is handed to on the engine thread instead (an event loop's
-    queue: it must not block)."""
-
-    def __init__(self, request_id: str, prompt_tokens: int, sink: Optional[Callable[[StepOutput], None]] = None):
-        self.request_id = request_id
-        self.prompt_tokens = prompt_tokens
-        self.arrival = time.monotonic()
-        self.token_times: list[float] = []
-        self.finished = False
-        self._q: queue.Queue[StepOutput] = queue.Queue()
-        self._sink = sink or self._q.put
-
-    def put(self, out: StepOutput) -> None:
-        if out.token_ids:
-            self.token_times.append(time.monotonic())
-        self.finished = out.finished
-        self._sink(out)
-
-    def __iter__(self) -> Iterator[StepOutput]:
-        while True:
-            out = self._q.get()
-            yield out
-            if out.finished:
-                return
-
-    def result(self) -> Completion:
-        ids, text, reason = [], "", None
-        for out in self:
-            ids += out.token_ids
-            text += out.text
-            reason = out.finish_reason
-        return Completion(ids, text, reason)
 
 
 @dataclass
@@ -124,18 +79,15 @@ class Load:
 class Engine:
     """Rank 0's engine. Thread-safe entry points: add_request, cancel, pause, resume."""
 
-    def __init__(self, worker: Worker, cfg: EngineConfig, tokenizer: Any = None):
+    def __init__(self, worker: Worker, cfg: EngineConfig, eos_token_ids: Iterable[int] = ()):
+        """``eos_token_ids``: end-of-text ids beyond the model config's (the tokenizer's)."""
         self.worker, self.spec, self.cfg = worker, worker.spec, cfg
-        self.tokenizer = tokenizer
         spec = self.spec
         self.sched = Scheduler(SchedulerConfig(
             num_blocks=worker.runner.kv.buffer.shape[2], block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
             max_tokens_per_step=cfg.max_tokens_per_step, max_queue=cfg.max_queue,
             max_model_len=spec.max_position_embeddings))
-        eos = set(spec.eos_token_ids)
-        if tokenizer is not None and tokenizer.eos_token_id is not None:
-            eos.add(tokenizer.eos_token_id)
-        self.output = OutputProcessor(tokenizer, frozenset(eos))
+        self.output = OutputProcessor(frozenset(spec.eos_token_ids) | frozenset(eos_token_ids))
         self.steps = 0
         self._lock = threading.RLock()
         self._seqs: dict[str, Sequence] = {}
@@ -148,9 +100,11 @@ class Engine:
         self._staging: Optional[Staging] = None
 
     # ---- requests ---------------------------------------------------------------------
-    def add_request(self, req: Request, sink: Optional[Callable[[StepOutput], None]] = None) -> RequestHandle:
-        if req.params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
+    def add_request(self, req: Request, sink: Optional[Callable[[StepOutput], None]] = None,
+                    output: Iterable[int] = ()) -> RequestHandle:
+        """Admit ``req``. ``output``: tokens it already generated (re-admitted after a restart): their
+        KV is recomputed with the prompt's and sampling continues at the next index, so greedy and
+        seeded requests go on exactly. Stop strings are the front end's (it sees the text)."""
         if any(not 0 <= t < self.spec.vocab_size for t in req.prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.spec.vocab_size})")
         with self._lock:
@@ -158,7 +112,7 @@ class Engine:
                 raise ValueError(f"request id {req.request_id!r} is already in use")
             self.sched.check(len(req.prompt_token_ids), req.params.max_new_tokens)
             seed = req.params.seed if req.params.seed is not None else random.getrandbits(62)
-            seq = Sequence(req.request_id, list(req.prompt_token_ids), req.params, seed)
+            seq = Sequence(req.request_id, list(req.prompt_token_ids), req.params, seed, output=list(output))
             handle = RequestHandle(req.request_id, len(seq.prompt), sink)
             self.sched.add(seq)
             self._seqs[req.request_id] = seq
@@ -377,4 +331,4 @@ class Engine:
         self._seqs.pop(seq.request_id, None)
         handle = self._handles.pop(seq.request_id)
         if emit:
-            handle.put(StepOutput(seq.request_id, [], "", True, reason, len(seq.prompt), len(seq.output)))
+            handle.put(StepOutput(seq.request_id, [], True, reason, len(seq.prompt), len(seq.output)))

@@ -1,15 +1,16 @@
-"""Output processing: a sampled token becomes a streamed chunk (stop conditions,
-detokenisation, stop strings), in one place."""
+"""Output processing on rank 0: a sampled token becomes a streamed chunk, and the token-level
+stop conditions (end of text, stop token ids, length) in one place. Text and stop strings are
+the front end's (server/detokenizer.py)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 from .request import FinishReason, Sequence, StepOutput
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Any, eos_ids: frozenset[int]):
-        self.tokenizer, self.eos_ids = tokenizer, eos_ids
+    def __init__(self, eos_ids: frozenset[int]):
+        self.eos_ids = eos_ids
 
     def append(self, seq: Sequence, tok: int) -> StepOutput:
         """Append ``tok`` to ``seq`` and return its chunk; ``finished`` says the request ends."""
@@ -20,15 +21,4 @@ class OutputProcessor:
             reason = FinishReason.STOP
         elif len(seq.output) >= p.max_new_tokens:
             reason = FinishReason.LENGTH
-        delta = ""
-        if self.tokenizer is not None:
-            full = self.tokenizer.decode(seq.output, skip_special_tokens=True)
-            cut = min((i for i in (full.find(s) for s in p.stop) if i >= 0), default=-1)
-            if cut >= 0:  # a stop string wins over a length finish on the same token
-                full, reason = full[:cut], FinishReason.STOP
-            # Hold back a trailing partial UTF-8 character until the next token completes it
-            # (on the last token there is no next one: emit what there is).
-            if reason is None and full.endswith("\ufffd"):
-                full = seq.text
-            delta, seq.text = full[len(seq.text):], full
-        return StepOutput(seq.request_id, [tok], delta, reason is not None, reason, len(seq.prompt), len(seq.output))
+        return StepOutput(seq.request_id, [tok], reason is not None, reason, len(seq.prompt), len(seq.output))

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import enum
+import queue
+import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -55,7 +57,7 @@ class Status(enum.Enum):
 
 @dataclass
 class Sequence:
-    """Rank 0's state for one request: tokens, KV position, block table, detokenised text."""
+    """Rank 0's state for one request: tokens, KV position, block table."""
 
     request_id: str
     prompt: list[int]
@@ -65,7 +67,6 @@ class Sequence:
     status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
-    text: str = ""  # detokenised output so far (stop strings are cut from it)
 
     @property
     def tokens(self) -> list[int]:
@@ -78,15 +79,61 @@ class Sequence:
 
 @dataclass(frozen=True)
 class StepOutput:
-    """One streamed chunk for one request."""
+    """One streamed chunk for one request. The engine streams token ids; the front end adds their
+    ``text`` (and cuts stop strings); ``error``: the request failed (the engine is gone for good)."""
 
     request_id: str
     token_ids: list[int]
-    text: str
     finished: bool
     finish_reason: Optional[FinishReason]
     prompt_tokens: int
     completion_tokens: int
+    text: str = ""
+    error: str = ""
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    text: str
+    finish_reason: Optional[FinishReason]
+    error: str = ""
+
+
+class RequestHandle:
+    """A request's stream of StepOutputs, with its timing. Read it by iterating (thread-safe), or
+    give a ``sink`` that each output is handed to on the producing thread instead (an event loop's
+    queue: it must not block)."""
+
+    def __init__(self, request_id: str, prompt_tokens: int, sink: Optional[Callable[[StepOutput], None]] = None):
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.arrival = time.monotonic()
+        self.token_times: list[float] = []
+        self.finished = False
+        self._q: queue.Queue[StepOutput] = queue.Queue()
+        self._sink = sink or self._q.put
+
+    def put(self, out: StepOutput) -> None:
+        if out.token_ids:
+            self.token_times.append(time.monotonic())
+        self.finished = out.finished
+        self._sink(out)
+
+    def __iter__(self) -> Iterator[StepOutput]:
+        while True:
+            out = self._q.get()
+            yield out
+            if out.finished:
+                return
+
+    def result(self) -> Completion:
+        ids, text, reason, error = [], "", None, ""
+        for out in self:
+            ids += out.token_ids
+            text += out.text
+            reason, error = out.finish_reason, out.error
+        return Completion(ids, text, reason, error)
 
 
 @dataclass(frozen=True)

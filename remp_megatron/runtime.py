@@ -95,10 +95,22 @@ def init_distributed(timeout_s: float = 300.0, rank: int | None = None, world: i
         if init_method is None and "MASTER_ADDR" not in os.environ:  # one process outside torchrun (tools, tests)
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
-        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout, init_method=init_method)
+        store = _restart_store(timeout) if init_method is None else None
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout, init_method=init_method,
+                                store=store)
     control = dist.new_group(backend="gloo", timeout=timeout)
     log.info("rank %d/%d device=%s backend=%s", rank, world, device, backend)
     return Runtime(rank, world, local_rank, device, backend, control)
+
+
+def _restart_store(timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun with restarts: torchrun's store, with keys private to this attempt. A world
+    torchrun re-formed after a rank died otherwise finds the dead world's gloo addresses under the
+    same keys and fails to connect (pytorch/pytorch#167288)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"remp/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def free_port() -> int:

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 import typing
 from pathlib import Path
@@ -34,7 +31,7 @@ SERVE_FLAGS = {
     "served_model_name": "--served-model-name",
     "metrics_port": "--metrics-port", "admin_token_file": "--admin-token-file", "tls_cert": "--tls-cert",
     "tls_key": "--tls-key", "max_prompt_tokens": "--max-prompt-tokens", "max_new_tokens": "--max-new-tokens",
-    "shutdown_grace_s": "--shutdown-grace",
+    "shutdown_grace_s": "--shutdown-grace", "max_restarts": "--max-restarts",
     "engine.kv_budget_mb": "--kv-budget-mb", "engine.max_num_seqs": "--max-num-seqs",
     "engine.max_tokens_per_step": "--max-tokens-per-step",
     "engine.max_queue": "--max-queue", "engine.block_size": "--block-size",
@@ -108,25 +105,9 @@ def cmd_serve(args) -> int:
     except ValueError as e:
         print(f"remp: error: {e}", file=sys.stderr)
         return 2
-    torchrun_flags = args.torchrun or ["--standalone"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}", *torchrun_flags,
-           "-m", "server.main", "--config-json", cfg.model_dump_json()]
-    if args.port_file:
-        cmd += ["--port-file", args.port_file]
-    if args.allow_fault_injection:
-        cmd.append("--allow-fault-injection")
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    stopping = []
+    from .serve import serve
 
-    def forward(sig, _frame):  # rank 0 drains and releases the others; torchrun relays to all
-        stopping.append(sig)
-        os.killpg(proc.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    code = proc.wait()
-    # torchrun reports the signal it relayed as a failure; the ranks themselves exited cleanly.
-    return 0 if stopping and code in (0, 1, -signal.SIGTERM, 128 + signal.SIGTERM) else code
+    return serve(cfg, args.nproc, args.torchrun or ["--standalone"], args.port_file, args.allow_fault_injection)
 
 
 def cmd_generate(args) -> int:

@@ -1,4 +1,4 @@
-"""Server configuration (pydantic): what `remp serve` passes to every rank."""
+"""Server configuration (pydantic): the front end's, also passed to every rank."""
 from __future__ import annotations
 
 import ipaddress
@@ -35,6 +35,8 @@ class ServerConfig(BaseModel):
     max_new_tokens: int = Field(1024, ge=1, description="most new tokens a request may ask for")
     max_message_bytes: int = Field(4 * 2**20, ge=1024, description="largest gRPC message")
     shutdown_grace_s: float = Field(10.0, ge=0, description="seconds running requests get to finish on SIGTERM")
+    max_restarts: int = Field(3, ge=0, description="times torchrun re-forms the engine's world after a rank is lost "
+                              "(requests wait meanwhile); then they fail UNAVAILABLE")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     policy_profile: Optional[Path] = Field(

@@ -1,9 +1,9 @@
-"""gRPC front end in rank 0's process: the Inference and Admin services, translated onto the
-transport-neutral ``Service`` (service.py).
+"""gRPC front end (in the `remp serve` process): the Inference and Admin services, translated
+onto the transport-neutral ``Service`` (service.py).
 
-The engine runs its serving loop in a background thread; RPC threads only add, cancel and
-read. A reconfiguration pauses the loop at a step boundary, so requests arriving meanwhile
-queue and streams in flight just see a gap in tokens.
+RPC threads only add, cancel and read; the engine runs in its own processes. A reconfiguration
+pauses the engine at a step boundary, and an engine restart re-admits what was running, so
+requests arriving meanwhile queue and streams in flight just see a gap in tokens.
 """
 from __future__ import annotations
 
@@ -58,6 +58,8 @@ class Frontend(pb_grpc.InferenceServicer, pb_grpc.AdminServicer):
         handle = self.service.submit(self._to_request(request))
         context.add_callback(lambda: self.service.cancel(handle.request_id))
         done = handle.result()
+        if done.error:
+            raise ApiError(ErrorKind.UNAVAILABLE, done.error)
         self.service.observe(handle, done.finish_reason.value)
         ttft = handle.token_times[0] - handle.arrival if handle.token_times else 0.0
         return pb.GenerateResponse(request_id=handle.request_id, token_ids=done.token_ids, text=done.text,
@@ -71,6 +73,8 @@ class Frontend(pb_grpc.InferenceServicer, pb_grpc.AdminServicer):
         # Client gone (or RPC over for any reason): cancel now, freeing its KV blocks.
         context.add_callback(lambda: self.service.cancel(handle.request_id))
         for out in handle:
+            if out.error:
+                raise ApiError(ErrorKind.UNAVAILABLE, out.error)
             yield pb.GenerateChunk(request_id=out.request_id, token_ids=out.token_ids, text=out.text,
                                    finished=out.finished,
                                    finish_reason=out.finish_reason.value if out.finish_reason else "",
@@ -87,7 +91,7 @@ class Frontend(pb_grpc.InferenceServicer, pb_grpc.AdminServicer):
     def Reconfigure(self, request, context):
         self._authorize(context)
         events = self.service.reconfigure(request.tp, request.pp, request.mode, request.inject_fault, request.ep or 1)
-        yield from iter(events.get, None)
+        yield from events
 
     @_abort_on_api_error
     def SetPolicy(self, request, context):
@@ -127,7 +131,24 @@ class Frontend(pb_grpc.InferenceServicer, pb_grpc.AdminServicer):
         return svc.make_request(ids, params, request.request_id or svc.new_id("req"), _PARAM_NAMES)
 
 
-def start_grpc(frontend: Frontend, cfg: ServerConfig) -> tuple[grpc.Server, int, health.HealthServicer]:
+class Health:
+    """The standard gRPC health service for the server and each of its services: SERVING only while
+    the engine serves (NOT_SERVING while it starts or restarts)."""
+
+    def __init__(self, servicer: health.HealthServicer, names: list[str]):
+        self.servicer, self.names = servicer, ["", *names]
+        self.set_all(False)
+
+    def set_all(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self.names:
+            self.servicer.set(name, status)
+
+    def enter_graceful_shutdown(self) -> None:
+        self.servicer.enter_graceful_shutdown()
+
+
+def start_grpc(frontend: Frontend, cfg: ServerConfig) -> tuple[grpc.Server, int, Health]:
     opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=128), options=opts)
@@ -136,6 +157,7 @@ def start_grpc(frontend: Frontend, cfg: ServerConfig) -> tuple[grpc.Server, int,
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [pb.DESCRIPTOR.services_by_name[s].full_name for s in ("Inference", "Admin")]
+    status = Health(health_servicer, names)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     addr = f"{cfg.host}:{cfg.port}"
     if cfg.tls_cert and cfg.tls_key:
@@ -144,6 +166,4 @@ def start_grpc(frontend: Frontend, cfg: ServerConfig) -> tuple[grpc.Server, int,
     else:
         port = server.add_insecure_port(addr)
     server.start()
-    for name in ("", *names):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, port, health_servicer
+    return server, port, status

@@ -81,6 +81,8 @@ class _Run:
         pending = len(self.handles)
         while pending:
             i, out = await self.outputs.get()
+            if out.error:
+                raise ApiError(ErrorKind.UNAVAILABLE, out.error)
             if out.finished:
                 pending -= 1
                 self.service.observe(self.handles[i], out.finish_reason.value)
@@ -156,8 +158,8 @@ def build_app(service: Service, model_name: str) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if not service.accepting:
-            raise ApiError(ErrorKind.UNAVAILABLE, "server is shutting down")
+        if (why := service.health()) is not None:
+            raise ApiError(ErrorKind.UNAVAILABLE, why)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -216,8 +218,7 @@ def build_app(service: Service, model_name: str) -> FastAPI:
     def reconfigure(body: ReconfigureBody, request: Request):
         authorize(request)
         events = service.reconfigure(body.tp, body.pp, body.mode, body.inject_fault, body.ep)
-        lines = (json.dumps(MessageToDict(ev, preserving_proto_field_name=True)) + "\n"
-                 for ev in iter(events.get, None))
+        lines = (json.dumps(MessageToDict(ev, preserving_proto_field_name=True)) + "\n" for ev in events)
         return StreamingResponse(lines, media_type="application/x-ndjson")
 
     @app.get("/admin/status")

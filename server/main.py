@@ -1,119 +1,77 @@
-"""The server process on every torchrun rank (started by ``remp serve``).
+"""A rank of the engine (started by torchrun, which `remp serve`'s front end runs).
 
-Rank 0 runs the engine loop, the gRPC front end, the OpenAI HTTP API (``--http-port``) and the
-metrics endpoint; the other ranks run ``worker_loop``. SIGTERM/SIGINT on rank 0 (or Admin
-Shutdown) starts a graceful shutdown: admission stops, running
-requests get ``shutdown_grace_s`` to finish, the rest end with finish_reason "aborted", then
-every rank is released and exits 0. Other ranks ignore SIGTERM (torchrun forwards it to all)
-and leave when rank 0 tells them to.
+Rank 0 connects to the front end over the link ($REMP_LINK), asks it which topology to load
+(the last committed one: a restarted world comes back where it was) and runs the engine core;
+the other ranks run ``worker_loop``. Every rank loads its shards. The ranks keep SIGTERM's
+default (exit at once): torchrun sends it when a rank died and the world must be re-formed, and
+a graceful shutdown is the front end's (it drains, then sends Shutdown; every rank exits 0).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import signal
+import os
+import socket
 import sys
-import threading
 import time
-from pathlib import Path
+from typing import Callable, Optional
 
 import torch.distributed as dist
 
-from remp_megatron.engine import Engine
 from remp_megatron.quiet import quiet_third_party
-from remp_megatron.worker import load_worker, worker_loop
 from remp_megatron.runtime import init_distributed
 from remp_megatron.spec import ModelSpec
 from remp_megatron.topology import Topology
+from remp_megatron.worker import broadcast, load_worker, worker_loop
 
+from . import link
 from .config import ServerConfig
 
-log = logging.getLogger("remp.server")
+log = logging.getLogger("remp.rank")
+
+
+def agree_on_start(rt, ask: Optional[Callable[[int, list[link.RankInfo]], link.Start]]) -> Optional[Topology]:
+    """Collective, before loading: rank 0 learns every rank's host and pid and asks (``ask``: the
+    front end, or the in-process API) which topology to load; every rank gets the answer (None:
+    refused)."""
+    ranks: list = [None] * rt.world_size
+    dist.all_gather_object(ranks, (rt.rank, socket.gethostname(), os.getpid()), group=rt.control_group)
+    start = None
+    if rt.rank == 0:
+        answer = ask(rt.world_size, [link.RankInfo(*r) for r in ranks])
+        if answer.refused:
+            log.error("the front end refused this world: %s", answer.refused)
+        else:
+            start = Topology(answer.tp, answer.pp, answer.ep)
+    return broadcast(start, rt.control_group)
 
 
 def main(argv: list[str] | None = None) -> int:
     quiet_third_party()
     p = argparse.ArgumentParser()
     p.add_argument("--config-json", required=True)
-    p.add_argument("--port-file", help="write the bound port here once serving (tests, scripts)")
-    p.add_argument("--allow-fault-injection", action="store_true")
     args = p.parse_args(argv)
     cfg = ServerConfig.model_validate_json(args.config_json)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rt = init_distributed()
     spec = ModelSpec.from_file(cfg.model / "config.json")
-    worker = load_worker(rt, spec, cfg.model, Topology(cfg.tp, cfg.pp, cfg.ep), cfg.engine)
-    if rt.rank != 0:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        worker_loop(worker)
+    core = None
+    if rt.rank == 0:
+        from .engine_core import EngineCore
+
+        core = EngineCore(os.environ[link.LINK_ADDRESS_ENV], os.environ[link.LINK_SECRET_ENV])
+    start = agree_on_start(rt, core.join if core is not None else None)
+    if start is None:  # refused: exit 0 so that torchrun does not restart the world
         dist.destroy_process_group()
-        log.info("rank %d exited cleanly", rt.rank)
         return 0
-    return serve_rank0(worker, cfg, args)
-
-
-def serve_rank0(worker, cfg: ServerConfig, args) -> int:
-    from . import metrics
-    from .frontend import Frontend, start_grpc
-    from .service import Service
-    from .switching import SwitchController
-
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    tokenizer = None
-    if (cfg.model / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
-    engine = Engine(worker, cfg.engine, tokenizer)
-    loop = threading.Thread(target=engine.run_forever, name="engine-loop", daemon=True)
-    loop.start()
-    switches = SwitchController(engine)
-    policy = None
-    if cfg.policy_profile is not None:
-        from remp_megatron.policy import CostProfile
-
-        from .policy_loop import PolicyLoop
-
-        policy = PolicyLoop(engine, switches, cfg.policy, CostProfile.load(cfg.policy_profile), cfg.policy_enabled)
-    service = Service(engine, switches, cfg, tokenizer, args.allow_fault_injection, policy, shutdown=stop.set)
-    server, port, health = start_grpc(Frontend(service), cfg)
-    ports = {"port": port}
-    http = None
-    if cfg.http_port is not None:
-        from .http_api import HttpServer
-
-        http = HttpServer(service, cfg)
-        ports["http_port"] = http.port
-        log.info("OpenAI HTTP API for model %r on %s:%d", cfg.model_name, cfg.host, http.port)
-    metrics.bind_engine(engine)
-    if cfg.metrics_port is not None:
-        log.info("metrics on %s:%d", cfg.host, metrics.serve_metrics(cfg.metrics_port, cfg.host))
-    log.info("serving %s at %s on %s:%d (%d ranks)", cfg.model.name, worker.topo, cfg.host, port, worker.world)
-    if args.port_file:
-        Path(args.port_file).write_text(json.dumps(ports))
-    stop.wait()
-
-    load = engine.load()
-    log.info("shutting down: admission closed, %d request(s) in flight", load.running + load.queued)
-    service.accepting = False
-    if policy is not None:
-        policy.stop()
-    health.enter_graceful_shutdown()
-    deadline = time.monotonic() + cfg.shutdown_grace_s
-    while engine.has_work and time.monotonic() < deadline:
-        time.sleep(0.05)
-    engine.shutdown()  # whatever is left ends with finish_reason "aborted"
-    loop.join()
-    server.stop(grace=5).wait()  # streams deliver their last chunk
-    if http is not None:
-        http.stop()
-    engine.stop_workers()
+    t0 = time.perf_counter()
+    worker = load_worker(rt, spec, cfg.model, start, cfg.engine)
+    if core is not None:
+        core.serve(worker, cfg, time.perf_counter() - t0)
+    else:
+        worker_loop(worker)
     dist.destroy_process_group()
-    log.info("rank 0 exited cleanly")
+    log.info("rank %d exited cleanly", rt.rank)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the front end (prometheus-client, default registry)."""
+"""Prometheus metrics of the front end (prometheus-client, default registry); the engine core's
+switches and policy decisions reach them over the link."""
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 TTFT = Histogram("remp_ttft_seconds", "Time to first token", buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
@@ -26,14 +27,30 @@ SWITCH_DRAIN = Histogram("remp_switch_drain_seconds", "Drain mode: admission clo
 SWITCH_STAGING = Histogram("remp_switch_staging_seconds", "New shards built and filled while serving went on",
                            buckets=_SWITCH_BUCKETS)
 POLICY_DECISIONS = Counter("remp_policy_decisions_total", "Adaptive policy observations", ["action"])
+RESTARTS = Counter("remp_restarts_total", "Engine restarts after a rank was lost (torchrun re-formed the world)")
+RECOVERY = Histogram("remp_recovery_seconds", "Engine core lost to serving again (after a restart)",
+                     buckets=(1, 2.5, 5, 10, 20, 30, 60, 120, 300))
 
 
 def bind_engine(engine) -> None:
-    """Gauges read the engine's state when scraped."""
+    """Gauges read the engine's load (as last reported) when scraped."""
     QUEUE.set_function(lambda: engine.load().queued)
     RUNNING.set_function(lambda: engine.load().running)
     KV_FREE.set_function(lambda: engine.load().kv_blocks_free)
     KV_USED.set_function(lambda: engine.load().kv_blocks_used)
+
+
+def observe_switch(record, phases: dict[str, float]) -> None:
+    """A switch's pb.SwitchRecord and its phase seconds, as the engine core reported them."""
+    SWITCHES.labels("committed" if record.committed else "rolled_back").inc()
+    for phase, seconds in phases.items():
+        SWITCH_PHASE.labels(phase).observe(seconds)
+    if record.committed:
+        for histogram, value in ((SWITCH_DOWNTIME, record.downtime_s), (SWITCH_PAUSE, record.pause_s),
+                                 (SWITCH_STALL, record.stall_s), (SWITCH_STAGING, record.staging_s)):
+            histogram.observe(value)
+        if record.mode == "drain":
+            SWITCH_DRAIN.observe(record.drain_s)
 
 
 def serve_metrics(port: int, host: str) -> int:

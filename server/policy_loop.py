@@ -1,4 +1,4 @@
-"""Runs the adaptive topology policy in rank 0's process: observe load, decide, switch.
+"""Runs the adaptive topology policy in the engine core (rank 0): observe load, decide, switch.
 
 It reads the engine's load snapshot and starts switches through the server's one
 ``SwitchController`` (same lock, events, history, metrics as an operator's Reconfigure), so an
@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 
 from remp_megatron.engine import Engine
 from remp_megatron.policy import CostProfile, Decision, Policy, PolicyConfig, Signals
 from remp_megatron.topology import Topology
 
-from . import metrics
 from .api import pb
 from .switching import SwitchController, SwitchRequest
 
@@ -27,6 +26,7 @@ class PolicyLoop:
         self.policy = Policy(cfg, profile, engine.topo, now=0.0)
         self.enabled = enabled
         self.decisions: deque[Decision] = deque(maxlen=50)
+        self.counts: Counter[str] = Counter()  # "switch"/"stay" observations (the front end's metric)
         self._lock = threading.Lock()  # the policy is fed from this loop and from commits
         switches.on_commit.append(self._switched)
         self._stop = threading.Event()
@@ -53,7 +53,7 @@ class PolicyLoop:
                 last = self.decisions[-1] if self.decisions else None
                 if d.switch or last is None or (last.wanted, last.switch) != (d.wanted, d.switch):
                     self.decisions.append(d)  # keep changes, not every identical "stay"
-            metrics.POLICY_DECISIONS.labels("switch" if d.switch else "stay").inc()
+            self.counts["switch" if d.switch else "stay"] += 1
             req = SwitchRequest(d.wanted, origin="policy", reason=d.reason)
             if d.switch and (events := self.switches.start(req)) is not None:
                 while events.get() is not None:  # observe again only once the switch is over

@@ -165,6 +165,8 @@ class Pipeline:
         from remp_megatron.worker import load_worker
 
         from .config import ServerConfig
+        from .link import Start
+        from .main import agree_on_start
         from .service import Service
 
         quiet_third_party()
@@ -177,14 +179,16 @@ class Pipeline:
                                        env={**os.environ, **env, "RANK": str(r), "LOCAL_RANK": str(r)})
                       for r in range(1, nproc)]
         rt = init_distributed(rank=0, world=nproc, init_method=f"tcp://127.0.0.1:{port}")
-        worker = load_worker(rt, spec, model, Topology(tp, pp, ep), cfg.engine)
         tokenizer = None
         if (model / "tokenizer_config.json").exists():
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(model))
-        self.engine = Engine(worker, cfg.engine, tokenizer)
-        self.service = Service(self.engine, None, cfg, tokenizer)
+        eos = [tokenizer.eos_token_id] if tokenizer is not None and tokenizer.eos_token_id is not None else []
+        start = agree_on_start(rt, lambda world, ranks: Start(tp, pp, ep, eos))
+        worker = load_worker(rt, spec, model, start, cfg.engine)
+        self.engine = Engine(worker, cfg.engine, eos)
+        self.service = Service(self.engine, cfg, tokenizer)
 
     def __call__(self, prompts: Prompts, **params) -> list[Response]:
         svc = self.service

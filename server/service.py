@@ -1,28 +1,31 @@
 """What the front end does, whatever the transport: turn prompts into requests, admit them,
-authorize and start switches, report status. The gRPC servicer (frontend.py) and the HTTP app
-(http_api.py) are thin translations onto this; each maps an ``ApiError`` to its own status code.
+detokenise their outputs, authorize and start switches, report status. The gRPC servicer
+(frontend.py) and the HTTP app (http_api.py) are thin translations onto this; each maps an
+``ApiError`` to its own status code. ``engine`` is the EngineClient (the engine core over the
+link); the in-process Python API gives an Engine, which admits and cancels alike.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hmac
 import itertools
 import logging
 import threading
-from typing import Callable, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 from pydantic import ValidationError
 
-from remp_megatron.engine import Engine, RequestHandle
 from remp_megatron.reconfigure import MODES, PHASES, Fault
-from remp_megatron.request import Request, SamplingParams, StepOutput
+from remp_megatron.request import FinishReason, Request, RequestHandle, SamplingParams, StepOutput
 from remp_megatron.scheduler import QueueFull, RequestTooLong
 from remp_megatron.topology import Topology, TopologyError
 
-from . import metrics
+from . import link, metrics
 from .api import pb
 from .config import ServerConfig
-from .switching import SwitchController, SwitchRequest
+from .detokenizer import Detokenizer
+from .engine_client import EngineUnavailable
 
 log = logging.getLogger("remp.server")
 
@@ -54,13 +57,11 @@ def invalid(message: str, param: Optional[str] = None) -> ApiError:
 
 
 class Service:
-    def __init__(self, engine: Engine, switches: SwitchController, cfg: ServerConfig, tokenizer=None,
-                 allow_fault_injection: bool = False, policy=None,
+    def __init__(self, engine, cfg: ServerConfig, tokenizer=None, allow_fault_injection: bool = False,
                  shutdown: Optional[Callable[[], None]] = None):
-        self.engine, self.switches, self.cfg, self.tok = engine, switches, cfg, tokenizer
+        self.engine, self.cfg, self.tok = engine, cfg, tokenizer
         self.token = cfg.admin_token()
         self.allow_fault_injection = allow_fault_injection
-        self.policy = policy  # a PolicyLoop when the server has a cost profile
         self.shutdown = shutdown  # starts the graceful shutdown (Admin Shutdown)
         self.accepting = True
         self._ids = itertools.count(1)
@@ -119,15 +120,42 @@ class Service:
         """As much as the model's context and the server's limit allow."""
         return max(1, min(self.cfg.max_new_tokens, self.engine.spec.max_position_embeddings - prompt_len))
 
+    def health(self) -> Optional[str]:
+        """Why the server is not serving now (None: it is). While the engine restarts, requests wait."""
+        if not self.accepting:
+            return "server is shutting down"
+        if not self.engine.serving:
+            return self.engine.failure or "the engine is starting or restarting (requests wait)"
+        return None
+
     def submit(self, req: Request, sink: Optional[Callable[[StepOutput], None]] = None) -> RequestHandle:
+        """Admit ``req``; its outputs carry text (stop strings cut). ``sink``: see RequestHandle."""
         if not self.accepting:
             raise ApiError(ErrorKind.UNAVAILABLE, "server is shutting down")
+        if req.params.stop and self.tok is None:
+            raise invalid("stop: stop strings need a tokenizer; this model has none", "stop")
+        handle = RequestHandle(req.request_id, len(req.prompt_token_ids), sink)
+        detok = Detokenizer(self.tok, req.params.stop)
+
+        def deliver(out: StepOutput) -> None:
+            if handle.finished:  # a stop string ended it; the engine's own end comes after
+                return
+            text, stopped = detok.add(out.token_ids, out.finished)
+            if stopped:
+                out = dataclasses.replace(out, finished=True, finish_reason=FinishReason.STOP)
+            handle.put(dataclasses.replace(out, text=text))
+            if stopped:
+                self.engine.cancel(req.request_id)
+
         try:
-            return self.engine.add_request(req, sink)
+            self.engine.add_request(req, deliver)
+        except EngineUnavailable as e:
+            raise ApiError(ErrorKind.UNAVAILABLE, str(e)) from None
         except QueueFull as e:
             raise ApiError(ErrorKind.QUEUE_FULL, str(e)) from None
         except (RequestTooLong, ValueError) as e:
             raise invalid(str(e)) from None
+        return handle
 
     def cancel(self, request_id: str) -> bool:
         return self.engine.cancel(request_id)
@@ -149,21 +177,32 @@ class Service:
         if not hmac.compare_digest(authorization or "", f"Bearer {self.token}"):
             raise ApiError(ErrorKind.UNAUTHENTICATED, "admin calls need 'Authorization: Bearer <token>'")
 
-    def reconfigure(self, tp: int, pp: int, mode: str, inject_fault: str = "", ep: int = 1):
-        """Start a switch; the queue yields pb.ReconfigureEvents, then None."""
+    def reconfigure(self, tp: int, pp: int, mode: str, inject_fault: str = "",
+                    ep: int = 1) -> Iterator[pb.ReconfigureEvent]:
+        """Start a switch in the engine core; its events (ACCEPTED, phases, COMMITTED or ROLLED_BACK)."""
         target = Topology(tp, pp, ep)
         try:
-            target.validate(self.engine.spec, self.engine.worker.world)
+            target.validate(self.engine.spec, self.engine.world)
         except TopologyError as e:
             raise invalid(str(e), e.field) from None
         mode = mode or "migrate"
         if mode not in MODES:
             raise invalid(f"mode: {mode!r} is not one of {list(MODES)}", "mode")
         fault = self._fault(inject_fault) if inject_fault else None
-        events = self.switches.start(SwitchRequest(target, mode, fault))
-        if events is None:
-            raise ApiError(ErrorKind.PRECONDITION, "a reconfiguration is already running")
-        return events
+        calls = self.engine.reconfigure(target, mode, fault)
+        first = calls.get()
+        if isinstance(first, link.Reply):  # refused: a switch is running, or the engine is restarting
+            raise ApiError(ErrorKind(first.error_kind), first.error)
+
+        def events() -> Iterator[pb.ReconfigureEvent]:
+            item = first
+            while not isinstance(item, link.Reply):
+                yield item
+                item = calls.get()
+            if item.error:  # the engine core was lost mid-switch: it comes back at the old topology
+                yield pb.ReconfigureEvent(kind=pb.ReconfigureEvent.ROLLED_BACK, target=str(target), reason=item.error)
+
+        return events()
 
     def _fault(self, spec: str) -> Fault:
         phase, _, rank = spec.partition(":")
@@ -174,20 +213,29 @@ class Service:
         return Fault(phase, int(rank or 0))
 
     def set_policy(self, enabled: bool) -> pb.PolicyState:
-        if self.policy is None:
-            raise ApiError(ErrorKind.PRECONDITION, "no policy cost profile (serve --policy-profile FILE)")
-        self.policy.enabled = enabled
-        return self.policy.state()
+        reply = self.engine.set_policy(enabled).get()
+        if reply.error:
+            raise ApiError(ErrorKind(reply.error_kind), reply.error)
+        return pb.PolicyState.FromString(reply.payload)
 
     def status(self) -> pb.StatusResponse:
-        load, topo, world = self.engine.load(), self.engine.topo, self.engine.worker.world
+        """From the front end's view of the engine (its load as last reported): answered while the
+        engine restarts too."""
+        c = self.engine
+        load, topo, world = c.load(), c.topo, c.world
+        ranks = []
+        for r in c.ranks:
+            coords = topo.coords(r.rank)
+            ranks.append(pb.RankInfo(rank=r.rank, host=r.host, pid=r.pid, role="active" if coords else "standby",
+                                     pp_stage=coords[0] if coords else 0, tp_rank=coords[1] if coords else 0))
         return pb.StatusResponse(
             topology=str(topo), tp=topo.tp, pp=topo.pp, ep=topo.ep, world_size=world,
             active_ranks=list(range(topo.size)), standby_ranks=list(range(topo.size, world)),
             queue_depth=load.queued, running_requests=load.running, kv_blocks_used=load.kv_blocks_used,
-            kv_blocks_free=load.kv_blocks_free, kv_block_size=self.engine.cfg.block_size,
-            switch_history=list(self.switches.history), reconfiguring=self.switches.busy,
-            policy=self.policy.state() if self.policy is not None else None, dtype=self.engine.spec.dtype)
+            kv_blocks_free=load.kv_blocks_free, kv_block_size=self.cfg.engine.block_size,
+            switch_history=list(c.history), reconfiguring=c.reconfiguring,
+            policy=pb.PolicyState.FromString(c.policy) if c.policy else None, dtype=c.dtype,
+            serving=c.serving, restarts=c.restarts, ranks=ranks, unavailable_reason=c.failure or "")
 
     def request_shutdown(self) -> None:
         if self.shutdown is None:

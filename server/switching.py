@@ -1,7 +1,8 @@
-"""The one owner of a switch's lifecycle in the server: lock, stage the new weights while
+"""The one owner of a switch's lifecycle in the engine core: lock, stage the new weights while
 serving goes on → (drain) → pause → reconfigure → resume; pause, stall, drain and staging
-times, history, metrics, events. Operator requests (Admin.Reconfigure) and the adaptive
-policy both start switches here, so they can never run two at once and are recorded alike.
+times, events, the record. Operator requests (Admin.Reconfigure) and the adaptive policy both
+start switches here, so they can never run two at once and are recorded alike (the front end
+keeps the history and the metrics from each record).
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from remp_megatron.engine import Engine, RequestHandle
 from remp_megatron.reconfigure import Fault, RolledBack, Timeline
 from remp_megatron.topology import Topology
 
-from . import metrics
 from .api import describe_switch, pb
 
 log = logging.getLogger("remp.switch")
@@ -40,8 +40,9 @@ class SwitchRequest:
 class SwitchController:
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.history: list[pb.SwitchRecord] = []
         self.on_commit: list[Callable[[Topology], None]] = []  # e.g. the policy's bookkeeping
+        # Each switch's record and phase seconds, committed or not (to the front end).
+        self.on_record: list[Callable[[pb.SwitchRecord, dict[str, float]], None]] = []
         self._lock = threading.Lock()
 
     @property
@@ -82,13 +83,7 @@ class SwitchController:
             tl.failed_phase = f"staging:{tl.failed_phase}"
         else:
             tl, reason = self._pause_and_switch(req, emit, times)
-        metrics.SWITCHES.labels("committed" if tl.committed else "rolled_back").inc()
         if tl.committed:
-            for histogram, value in ((metrics.SWITCH_DOWNTIME, times.downtime_s), (metrics.SWITCH_PAUSE, times.pause_s),
-                                     (metrics.SWITCH_STALL, times.stall_s), (metrics.SWITCH_STAGING, times.staging_s)):
-                histogram.observe(value)
-            if req.mode == "drain":
-                metrics.SWITCH_DRAIN.observe(times.drain_s)
             for listener in self.on_commit:
                 listener(req.target)
         common = dict(source=tl.source, target=tl.target, downtime_s=times.downtime_s, pause_s=times.pause_s,
@@ -98,7 +93,8 @@ class SwitchController:
         record = pb.SwitchRecord(mode=req.mode, committed=tl.committed, failed_phase=tl.failed_phase or "",
                                  error=tl.error or "", bytes_moved=tl.weights_moved + tl.kv_moved,
                                  started_unix=started, origin=req.origin, **common)
-        self.history.append(record)
+        for listener in self.on_record:
+            listener(record, dict(tl.phases))
         kind = pb.ReconfigureEvent.COMMITTED if tl.committed else pb.ReconfigureEvent.ROLLED_BACK
         emit(pb.ReconfigureEvent(kind=kind, reason=reason, peak_extra_bytes=tl.peak_extra_bytes,
                                  bytes=tl.weights_moved + tl.kv_moved, seconds=tl.seconds, **common))
@@ -145,7 +141,6 @@ class SwitchController:
 
         def progress(phase: str, tl: Timeline) -> None:
             nbytes = {"move_weights": tl.weights_moved, "move_kv": tl.kv_moved}.get(phase, 0)
-            metrics.SWITCH_PHASE.labels(phase).observe(tl.phases[phase])
             emit(pb.ReconfigureEvent(kind=pb.ReconfigureEvent.PHASE, phase=phase, seconds=tl.phases[phase],
                                      bytes=nbytes, source=tl.source, target=tl.target))
 

@@ -1,0 +1,125 @@
+"""`remp serve`: the front end's process. It holds the ports (gRPC, OpenAI HTTP, metrics), the
+tokenizer and every request, and runs the engine's ranks under torchrun as a child: rank 0
+connects back over the link (link.py). When a rank dies, torchrun re-forms the world (up to
+``max_restarts`` times) and the front end re-admits what was unfinished; health says NOT_SERVING
+meanwhile and clients see a pause. When torchrun gives up, requests get UNAVAILABLE with the reason.
+
+SIGTERM/SIGINT (or Admin Shutdown) starts a graceful shutdown: admission stops, running
+requests get ``shutdown_grace_s`` to finish, the rest end with finish_reason "aborted", then the
+engine releases every rank and the process exits 0.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from remp_megatron.spec import ModelSpec
+from remp_megatron.topology import Topology
+
+from . import link, metrics
+from .config import ServerConfig
+from .engine_client import EngineClient
+from .frontend import Frontend, start_grpc
+from .service import Service
+
+log = logging.getLogger("remp.server")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In torchrun's process, before exec: SIGTERM when the front end dies (torchrun then stops its ranks)."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def serve(cfg: ServerConfig, nproc: int, torchrun_flags: list[str], port_file: Optional[Path] = None,
+          allow_fault_injection: bool = False) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    spec = ModelSpec.from_file(cfg.model / "config.json")
+    tokenizer = None
+    if (cfg.model / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
+    eos = [tokenizer.eos_token_id] if tokenizer is not None and tokenizer.eos_token_id is not None else []
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    health = None
+
+    def on_serving(serving: bool) -> None:
+        if health is not None and not stop.is_set():
+            health.set_all(serving)
+
+    client = EngineClient(spec, Topology(cfg.tp, cfg.pp, cfg.ep), nproc, cfg.engine.max_queue, eos, cfg.host,
+                          on_serving)
+    service = Service(client, cfg, tokenizer, allow_fault_injection, shutdown=stop.set)
+    server, port, health = start_grpc(Frontend(service), cfg)
+    ports = {"port": port}
+    http = None
+    if cfg.http_port is not None:
+        from .http_api import HttpServer
+
+        http = HttpServer(service, cfg)
+        ports["http_port"] = http.port
+        log.info("OpenAI HTTP API for model %r on %s:%d", cfg.model_name, cfg.host, http.port)
+    metrics.bind_engine(client)
+    if cfg.metrics_port is not None:
+        log.info("metrics on %s:%d", cfg.host, metrics.serve_metrics(cfg.metrics_port, cfg.host))
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--max-restarts={cfg.max_restarts}", *torchrun_flags, "-m", "server.main",
+           "--config-json", cfg.model_dump_json()]
+    env = {**os.environ, link.LINK_ADDRESS_ENV: client.address, link.LINK_SECRET_ENV: client.secret}
+    ranks = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    log.info("gRPC on %s:%d; engine ranks under torchrun (pid %d, up to %d restarts), link %s",
+             cfg.host, port, ranks.pid, cfg.max_restarts, client.address)
+
+    def watch_ranks() -> None:
+        code = ranks.wait()
+        if not stop.is_set():
+            client.fail(f"the engine's ranks are gone: torchrun exited with code {code} after {client.restarts} "
+                        f"restart(s) of at most {cfg.max_restarts} (see the server log)")
+
+    threading.Thread(target=watch_ranks, name="torchrun-watch", daemon=True).start()
+    while not (client.serving or client.failure or stop.is_set()):
+        time.sleep(0.05)
+    if client.failure:  # never served: nothing to keep the ports open for
+        stop.set()
+    elif port_file:
+        Path(port_file).write_text(json.dumps(ports))
+    stop.wait()
+
+    log.info("shutting down: admission closed, %d request(s) in flight", client.unfinished())
+    service.accepting = False
+    health.enter_graceful_shutdown()
+    deadline = time.monotonic() + cfg.shutdown_grace_s
+    while client.unfinished() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client.abort_all()  # whatever is left ends with finish_reason "aborted"
+    client.shutdown_engine()
+    try:
+        code = ranks.wait(60)
+    except subprocess.TimeoutExpired:
+        log.warning("the ranks did not exit within 60 s of Shutdown: killing them")
+        os.killpg(ranks.pid, signal.SIGKILL)
+        code = ranks.wait()
+    server.stop(grace=5).wait()  # streams deliver their last chunk
+    if http is not None:
+        http.stop()
+    client.link.close()
+    if client.failure:
+        log.error("exiting: %s", client.failure)
+        return 1
+    log.info("front end exited cleanly (ranks exited with code %d)", code)
+    return 0
