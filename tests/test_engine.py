@@ -167,7 +167,6 @@ def smol_run(smol_mg, smol_prompts, smol_reference, tmp_path_factory):
     chat = [{"id": f"c{i}", "prompt": p, "params": {"max_new_tokens": 24}, "arrive": i} for i, p in enumerate(prompts)]
     stops = [
         {"id": "eos", "prompt": prompts[0], "params": {"max_new_tokens": 40}},
-        {"id": "stop_string", "prompt": prompts[0], "params": {"max_new_tokens": 40, "stop": ["Paris"]}},
         {"id": "stop_token", "prompt": prompts[0], "params": {"max_new_tokens": 40, "stop_token_ids": [france[3]]}},
         {"id": "length", "prompt": prompts[0], "params": {"max_new_tokens": 3}},
     ]
@@ -195,8 +194,27 @@ def test_smollm2_stop_conditions(smol_run, smol_reference, smol_prompts):
     r = smol_run["1x3"]["stops"]["requests"]
     assert france[-1] == tok.eos_token_id and len(france) < 24  # HF stops at EOS too
     assert r["eos"]["tokens"] == france and r["eos"]["finish_reason"] == "stop"
-    assert r["eos"]["text"] == tok.decode(france, skip_special_tokens=True)
-    assert r["stop_string"]["finish_reason"] == "stop" and "Paris" not in r["stop_string"]["text"]
-    assert r["stop_string"]["text"] == tok.decode(france, skip_special_tokens=True).split("Paris")[0]
     assert r["stop_token"]["tokens"] == france[:4] and r["stop_token"]["finish_reason"] == "stop"
     assert r["length"]["tokens"] == france[:3] and r["length"]["finish_reason"] == "length"
+
+
+def test_detokenizer_streams_hf_text_and_cuts_stop_strings(smol_reference, smol_prompts):
+    """The front end's text: token by token it adds up to HF's decode; a stop string ends it
+    (cut, finish "stop") at the token that completes it."""
+    from server.detokenizer import Detokenizer
+
+    tok = smol_prompts[0]
+    france = smol_reference["c0"][0]
+    whole = tok.decode(france, skip_special_tokens=True)
+    plain = Detokenizer(tok, [])
+    assert "".join(plain.add([t], i == len(france) - 1)[0] for i, t in enumerate(france)) == whole
+    stop = Detokenizer(tok, ["Paris"])
+    text, stopped_at = "", None
+    for i, t in enumerate(france):
+        delta, stopped = stop.add([t], False)
+        text += delta
+        if stopped:
+            stopped_at = i
+            break
+    assert "Paris" in whole and text == whole.split("Paris")[0]
+    assert "Paris" in tok.decode(france[:stopped_at + 1]) and "Paris" not in tok.decode(france[:stopped_at])

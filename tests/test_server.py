@@ -246,11 +246,12 @@ def test_metrics_endpoint(server, client):
     assert values['remp_switches_total{outcome="committed"}'] >= 3
     assert values['remp_switches_total{outcome="rolled_back"}'] >= 1
     assert values['remp_switch_phase_seconds_count{phase="move_kv"}'] >= 3
-    # Gauges follow the engine: one long request running, then none.
+    # Gauges follow the engine (its load as last reported over the link): one long request running, then none.
     idle = (values["remp_running_requests"], values["remp_kv_blocks_used"], values["remp_queue_depth"])
     assert idle == (0, 0, 0)
     call = client.stream([3, 1, 4, 1, 5], request_id="metered", max_new_tokens=250)
     next(call)
+    wait_until(lambda: scrape()["remp_running_requests"] == 1, 10)
     busy = scrape()
     assert busy["remp_running_requests"] == 1 and busy["remp_kv_blocks_used"] >= 1
     assert busy["remp_kv_blocks_used"] + busy["remp_kv_blocks_free"] == values["remp_kv_blocks_free"]

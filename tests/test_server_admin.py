@@ -50,6 +50,11 @@ def test_cli_chat_generate_and_status_with_token(server, tmp_path):
     out = remp("generate", "What is the capital of France?", "--chat", "--max-new-tokens", "24",
                "--addr", server.addr)
     assert out.returncode == 0 and "Paris" in out.stdout and "[stop" in out.stderr
+    # A stop string is cut in the front end (it detokenises); the engine stops at that token.
+    cut = remp("generate", "What is the capital of France?", "--chat", "--max-new-tokens", "24", "--stop", "Paris",
+               "--addr", server.addr)
+    assert cut.returncode == 0 and out.stdout.startswith(cut.stdout.rstrip("\n")) and "Paris" not in cut.stdout
+    assert "[stop" in cut.stderr
     (tmp_path / "t").write_text(TOKEN)
     st = json.loads(remp("status", "--addr", server.addr, "--token-file", str(tmp_path / "t"), "--json").stdout)
     assert st["topology"] == "TP1·PP1"

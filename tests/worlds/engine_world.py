@@ -4,8 +4,8 @@ Input (--spec JSON): {"model": dir, "topologies": [...], "engine": {EngineConfig
 "tokenizer": bool, "scenarios": [{"name", "engine": {overrides}, "requests": [{"id", "prompt"
 (ids), "params", "arrive"}], "cancel": {"id": step}, "pause_at": step, "topologies": [...]
 (default: all)}]}.
-Output (--out JSON, rank 0): {topology: {scenario: {"requests": {id: {tokens, text,
-finish_reason}}, "preemptions", "cancel", "pause"}}}.
+Output (--out JSON, rank 0): {topology: {scenario: {"requests": {id: {tokens, finish_reason}},
+"preemptions", "cancel", "pause"}}}. Text and stop strings are the front end's (test_server).
 """
 import json
 from pathlib import Path
@@ -45,18 +45,18 @@ def drive(engine: Engine, sc: dict, rt) -> dict:
     result["requests"] = {}
     for rid, h in handles.items():
         c = h.result()
-        result["requests"][rid] = {"tokens": c.token_ids, "text": c.text, "finish_reason": c.finish_reason.value}
+        result["requests"][rid] = {"tokens": c.token_ids, "finish_reason": c.finish_reason.value}
     result["preemptions"] = engine.sched.num_preemptions
     return result
 
 
 def main():
     args, rt, job, spec = start_world()
-    tokenizer = None
+    eos = []  # the tokenizer's end-of-text id, as the front end tells the engine core
     if job.get("tokenizer"):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(job["model"])
+        eos = [AutoTokenizer.from_pretrained(job["model"]).eos_token_id]
     results = {}
     for t in job["topologies"]:
         topo = Topology.parse(t)
@@ -72,7 +72,7 @@ def main():
                 runner.kv = KVCache.allocate(spec, topo, runner.pp_stage, cfg.blocks_for(spec, topo),
                                              cfg.block_size, rt.device)
             if rt.rank == 0:
-                results[t][sc["name"]] = drive(Engine(worker, cfg, tokenizer), sc, rt)
+                results[t][sc["name"]] = drive(Engine(worker, cfg, eos), sc, rt)
             else:
                 worker_loop(worker)
                 if "pause_at" in sc:
