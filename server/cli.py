@@ -1,6 +1,7 @@
 """`remp`: serve a model, talk to a server.
 
     remp serve --model runs/smollm2 --nproc 3 --tp 3 --pp 1 [--port 50051] [-- TORCHRUN FLAGS]
+    remp join --link tcp://HEAD:PORT --nproc 2 -- --nnodes 2 --rdzv-backend c10d --rdzv-endpoint HEAD:29400
     remp generate "What is the capital of France?" [--chat] [--max-new-tokens 64] [--json]
     remp reconfigure --tp 1 --pp 3 [--mode migrate|recompute|drain] [--json]
     remp status [--json]
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -20,6 +22,8 @@ from google.protobuf.json_format import MessageToDict
 from pydantic import ValidationError
 
 from remp_megatron.quiet import quiet_third_party
+
+from .api import TOKEN_ENV
 
 if typing.TYPE_CHECKING:
     from .config import ServerConfig
@@ -31,7 +35,7 @@ SERVE_FLAGS = {
     "served_model_name": "--served-model-name",
     "metrics_port": "--metrics-port", "admin_token_file": "--admin-token-file", "tls_cert": "--tls-cert",
     "tls_key": "--tls-key", "max_prompt_tokens": "--max-prompt-tokens", "max_new_tokens": "--max-new-tokens",
-    "shutdown_grace_s": "--shutdown-grace", "max_restarts": "--max-restarts",
+    "shutdown_grace_s": "--shutdown-grace", "max_restarts": "--max-restarts", "link_port": "--link-port",
     "engine.kv_budget_mb": "--kv-budget-mb", "engine.max_num_seqs": "--max-num-seqs",
     "engine.max_tokens_per_step": "--max-tokens-per-step",
     "engine.max_queue": "--max-queue", "engine.block_size": "--block-size",
@@ -108,6 +112,19 @@ def cmd_serve(args) -> int:
     from .serve import serve
 
     return serve(cfg, args.nproc, args.torchrun or ["--standalone"], args.port_file, args.allow_fault_injection)
+
+
+def cmd_join(args) -> int:
+    from .config import ServerConfig
+    from .serve import join
+
+    token = Path(args.admin_token_file).read_text().strip() if args.admin_token_file else os.environ.get(TOKEN_ENV)
+    if not token:
+        print(f"remp: error: joining needs the server's admin token (--admin-token-file or ${TOKEN_ENV})",
+              file=sys.stderr)
+        return 2
+    restarts = args.max_restarts if args.max_restarts is not None else ServerConfig.model_fields["max_restarts"].default
+    return join(args.link, token, args.nproc, restarts, args.torchrun)
 
 
 def cmd_generate(args) -> int:
@@ -203,6 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--allow-fault-injection", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("torchrun", nargs=argparse.REMAINDER, help="after --: torchrun flags (multi-node etc.)")
     s.set_defaults(fn=cmd_serve)
+
+    j = sub.add_parser("join", help="run this node's ranks of a multi-node server (its front end runs `remp serve`)")
+    j.add_argument("--link", required=True, help="the front end's link, tcp://HOST:PORT (`remp serve --link-port`)")
+    j.add_argument("--nproc", type=int, required=True, help="ranks on this node (torchrun --nproc-per-node)")
+    j.add_argument("--admin-token-file", help=f"file with the server's admin token (else ${TOKEN_ENV})")
+    j.add_argument("--max-restarts", type=int, help="as the server's --max-restarts (default: its default)")
+    j.add_argument("torchrun", nargs=argparse.REMAINDER, help="after --: torchrun flags (--nnodes, --rdzv-*)")
+    j.set_defaults(fn=cmd_join)
 
     g = sub.add_parser("generate", help="stream a completion")
     g.add_argument("prompt")

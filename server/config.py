@@ -35,6 +35,8 @@ class ServerConfig(BaseModel):
     max_new_tokens: int = Field(1024, ge=1, description="most new tokens a request may ask for")
     max_message_bytes: int = Field(4 * 2**20, ge=1024, description="largest gRPC message")
     shutdown_grace_s: float = Field(10.0, ge=0, description="seconds running requests get to finish on SIGTERM")
+    link_port: int = Field(0, ge=0, le=65535, description="port of the front end's link to the engine's rank 0, on "
+                           "--host (0: any free port; fix it for ranks on other nodes: `remp join`)")
     max_restarts: int = Field(3, ge=0, description="times torchrun re-forms the engine's world after a rank is lost "
                               "(requests wait meanwhile); then they fail UNAVAILABLE")
     engine: EngineConfig = Field(default_factory=EngineConfig)

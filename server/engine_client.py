@@ -25,6 +25,7 @@ from remp_megatron.topology import Topology, TopologyError
 
 from . import link, metrics
 from .api import pb
+from .config import ServerConfig
 
 log = logging.getLogger("remp.frontend")
 
@@ -56,12 +57,14 @@ class EngineUnavailable(RuntimeError):
 
 
 class EngineClient:
-    def __init__(self, spec: ModelSpec, topology: Topology, world: int, max_queue: int, eos_token_ids: list[int],
-                 host: str, on_serving: Callable[[bool], None] = lambda serving: None):
-        self.spec, self.topo, self.world, self.max_queue = spec, topology, world, max_queue
+    def __init__(self, cfg: ServerConfig, spec: ModelSpec, world: int, eos_token_ids: list[int],
+                 on_serving: Callable[[bool], None] = lambda serving: None):
+        self.cfg, self.spec, self.world, self.max_queue = cfg, spec, world, cfg.engine.max_queue
+        self.topo = Topology(cfg.tp, cfg.pp, cfg.ep)
         self.eos_token_ids = eos_token_ids
         self.on_serving = on_serving  # health follows this
-        self.secret = f"{random.getrandbits(128):032x}"
+        # Ranks on other nodes (`remp join`) prove themselves with the admin token; local ones get a fresh secret.
+        self.secret = cfg.admin_token() or f"{random.getrandbits(128):032x}"
         self.serving = False
         self.failure: Optional[str] = None  # why the engine is gone for good
         self.restarts = 0
@@ -75,11 +78,12 @@ class EngineClient:
         self._lock = threading.RLock()
         self._entries: dict[str, _Entry] = {}
         self._peer: Optional[bytes] = None  # the current core's routing id
+        self._stopping = False  # the engine was told to shut down: its silence is expected
         self._last_heard = 0.0
         self._down_since = time.monotonic()
         self._calls: dict[int, queue.Queue] = {}
         self._call_ids = iter(range(1, 1 << 62))
-        self.link, self.address = link.bind(host, self._on_message, "frontend-link")
+        self.link, self.address = link.bind(cfg.host, cfg.link_port, self._on_message, "frontend-link")
         self._watch = threading.Thread(target=self._watchdog, name="link-watchdog", daemon=True)
         self._watch.start()
 
@@ -151,6 +155,7 @@ class EngineClient:
     def shutdown_engine(self) -> None:
         """Tell the core to stop every rank (they exit 0)."""
         with self._lock:
+            self._stopping = True
             if self._peer is not None:
                 self.link.send(link.Shutdown(), self._peer)
 
@@ -241,14 +246,14 @@ class EngineClient:
         self._end_calls("the engine restarted")
         self._peer, self._last_heard, self.world, self.ranks = peer, time.monotonic(), msg.world, msg.ranks
         self._decisions = {}
-        t = self.topo
+        t, config = self.topo, self.cfg.model_dump_json()
         try:
             t.validate(self.spec, msg.world)
         except TopologyError as e:
-            self.link.send(link.Start(t.tp, t.pp, t.ep, self.eos_token_ids, refused=str(e)), peer)
+            self.link.send(link.Start(config, t.tp, t.pp, t.ep, self.eos_token_ids, refused=str(e)), peer)
             self.fail(f"cannot serve {t} on the {msg.world} rank(s) that joined: {e}")
             return
-        self.link.send(link.Start(t.tp, t.pp, t.ep, self.eos_token_ids), peer)
+        self.link.send(link.Start(config, t.tp, t.pp, t.ep, self.eos_token_ids), peer)
 
     def _on_ready(self, msg: link.Ready) -> None:
         self.topo, self.dtype = Topology(msg.tp, msg.pp, msg.ep), msg.dtype
@@ -290,7 +295,8 @@ class EngineClient:
         while True:
             time.sleep(link.HEARTBEAT_S)
             with self._lock:
-                if self.serving and time.monotonic() - self._last_heard > link.LINK_TIMEOUT_S:
+                silent = time.monotonic() - self._last_heard > link.LINK_TIMEOUT_S
+                if self.serving and silent and not self._stopping:
                     log.warning("engine core silent for %.0f s: not serving until torchrun restarts it "
                                 "(%d request(s) kept)", link.LINK_TIMEOUT_S, len(self._entries))
                     self._down_since = time.monotonic() - link.LINK_TIMEOUT_S

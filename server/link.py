@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import threading
 from typing import Callable, Optional, Union
 
@@ -34,9 +35,11 @@ LINK_SECRET_ENV = "REMP_LINK_SECRET"
 
 # ---- front end -> engine core ---------------------------------------------------------------
 class Start(msgspec.Struct, tag=True):
-    """The answer to Join: the topology to load (the last committed one) and the end-of-text ids;
-    or ``refused`` (why this world cannot serve): every rank then exits 0."""
+    """The answer to Join: the server config (ServerConfig JSON), the topology to load (the last
+    committed one) and the end-of-text ids; or ``refused`` (why this world cannot serve): every
+    rank then exits 0."""
 
+    config: str
     tp: int
     pp: int
     ep: int
@@ -208,12 +211,17 @@ class Link:
         os.close(self._wake_w)
 
 
-def bind(host: str, on_message, name: str = "link") -> tuple[Link, str]:
-    """The front end's end: a ROUTER on ``host`` (any free port); returns it and its address."""
+def bind(host: str, port: int, on_message, name: str = "link") -> tuple[Link, str]:
+    """The front end's end: a ROUTER on ``host``:``port`` (0: any free port); returns it and the
+    address ranks connect to (this host's name when bound to all interfaces)."""
     sock = zmq.Context.instance().socket(zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone peer raises (logged) instead of vanishing
-    port = sock.bind_to_random_port(f"tcp://{host}")
-    return Link(sock, ToFrontend, on_message, name), f"tcp://{host}:{port}"
+    if port:
+        sock.bind(f"tcp://{host}:{port}")
+    else:
+        port = sock.bind_to_random_port(f"tcp://{host}")
+    reachable = socket.gethostname() if host in ("0.0.0.0", "::", "*") else host
+    return Link(sock, ToFrontend, on_message, name), f"tcp://{reachable}:{port}"
 
 
 def connect(address: str, on_message, name: str = "link") -> Link:

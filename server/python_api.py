@@ -175,7 +175,7 @@ class Pipeline:
         Topology(tp, pp, ep).validate(spec, nproc)  # before any process starts
         port = free_port()
         env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc)}
-        self.ranks = [subprocess.Popen([sys.executable, "-m", "server.main", "--config-json", cfg.model_dump_json()],
+        self.ranks = [subprocess.Popen([sys.executable, "-m", "server.main"],
                                        env={**os.environ, **env, "RANK": str(r), "LOCAL_RANK": str(r)})
                       for r in range(1, nproc)]
         rt = init_distributed(rank=0, world=nproc, init_method=f"tcp://127.0.0.1:{port}")
@@ -185,8 +185,8 @@ class Pipeline:
 
             tokenizer = AutoTokenizer.from_pretrained(str(model))
         eos = [tokenizer.eos_token_id] if tokenizer is not None and tokenizer.eos_token_id is not None else []
-        start = agree_on_start(rt, lambda world, ranks: Start(tp, pp, ep, eos))
-        worker = load_worker(rt, spec, model, start, cfg.engine)
+        agree_on_start(rt, lambda world, ranks: Start(cfg.model_dump_json(), tp, pp, ep, eos))
+        worker = load_worker(rt, spec, model, Topology(tp, pp, ep), cfg.engine)
         self.engine = Engine(worker, cfg.engine, eos)
         self.service = Service(self.engine, cfg, tokenizer)
 

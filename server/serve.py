@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Optional
 
 from remp_megatron.spec import ModelSpec
-from remp_megatron.topology import Topology
 
 from . import link, metrics
 from .config import ServerConfig
@@ -39,6 +38,26 @@ _PR_SET_PDEATHSIG = 1
 def _die_with_parent() -> None:
     """In torchrun's process, before exec: SIGTERM when the front end dies (torchrun then stops its ranks)."""
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def start_ranks(nproc: int, max_restarts: int, torchrun_flags: list[str], link_address: str,
+                secret: str) -> subprocess.Popen:
+    """torchrun running ``nproc`` engine ranks on this node, their rank 0 (wherever rendezvous puts
+    it) connecting to the front end at ``link_address`` with ``secret``. It dies with its parent."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--max-restarts={max_restarts}", *torchrun_flags, "-m", "server.main"]
+    env = {**os.environ, link.LINK_ADDRESS_ENV: link_address, link.LINK_SECRET_ENV: secret}
+    return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def join(link_address: str, secret: str, nproc: int, max_restarts: int, torchrun_flags: list[str]) -> int:
+    """`remp join`: this node's ranks of a multi-node world, for the front end at ``link_address``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ranks = start_ranks(nproc, max_restarts, torchrun_flags, link_address, secret)
+    log.info("%d rank(s) under torchrun (pid %d) for the front end at %s", nproc, ranks.pid, link_address)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # this node leaves: its ranks go (the world re-forms)
+        signal.signal(sig, lambda *_: os.killpg(ranks.pid, signal.SIGTERM))
+    return ranks.wait()
 
 
 def serve(cfg: ServerConfig, nproc: int, torchrun_flags: list[str], port_file: Optional[Path] = None,
@@ -61,8 +80,7 @@ def serve(cfg: ServerConfig, nproc: int, torchrun_flags: list[str], port_file: O
         if health is not None and not stop.is_set():
             health.set_all(serving)
 
-    client = EngineClient(spec, Topology(cfg.tp, cfg.pp, cfg.ep), nproc, cfg.engine.max_queue, eos, cfg.host,
-                          on_serving)
+    client = EngineClient(cfg, spec, nproc, eos, on_serving)
     service = Service(client, cfg, tokenizer, allow_fault_injection, shutdown=stop.set)
     server, port, health = start_grpc(Frontend(service), cfg)
     ports = {"port": port}
@@ -77,11 +95,7 @@ def serve(cfg: ServerConfig, nproc: int, torchrun_flags: list[str], port_file: O
     if cfg.metrics_port is not None:
         log.info("metrics on %s:%d", cfg.host, metrics.serve_metrics(cfg.metrics_port, cfg.host))
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--max-restarts={cfg.max_restarts}", *torchrun_flags, "-m", "server.main",
-           "--config-json", cfg.model_dump_json()]
-    env = {**os.environ, link.LINK_ADDRESS_ENV: client.address, link.LINK_SECRET_ENV: client.secret}
-    ranks = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    ranks = start_ranks(nproc, cfg.max_restarts, torchrun_flags, client.address, client.secret)
     log.info("gRPC on %s:%d; engine ranks under torchrun (pid %d, up to %d restarts), link %s",
              cfg.host, port, ranks.pid, cfg.max_restarts, client.address)
 
