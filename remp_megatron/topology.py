@@ -122,3 +122,15 @@ def valid_topologies(spec: ModelSpec, world_size: int) -> list[Topology]:
                     continue
                 out.append(Topology(tp, pp, ep))
     return out
+
+
+def topology_for_world(spec: ModelSpec, wanted: Topology, world_size: int) -> Optional[Topology]:
+    """Where a (re-)formed world of ``world_size`` ranks starts: ``wanted`` if it fits, else (ranks
+    are gone) the largest topology that does — most ranks, then most TP (lower latency); None if
+    none does."""
+    try:
+        wanted.validate(spec, world_size)
+        return wanted
+    except TopologyError:
+        fits = valid_topologies(spec, world_size)
+        return max(fits, key=lambda t: (t.size, t.tp)) if fits else None

@@ -21,7 +21,7 @@ from remp_megatron.reconfigure import Fault
 from remp_megatron.request import FinishReason, Request, StepOutput
 from remp_megatron.scheduler import QueueFull, RequestTooLong
 from remp_megatron.spec import ModelSpec
-from remp_megatron.topology import Topology, TopologyError
+from remp_megatron.topology import Topology, topology_for_world
 
 from . import link, metrics
 from .api import pb
@@ -60,7 +60,8 @@ class EngineClient:
     def __init__(self, cfg: ServerConfig, spec: ModelSpec, world: int, eos_token_ids: list[int],
                  on_serving: Callable[[bool], None] = lambda serving: None):
         self.cfg, self.spec, self.world, self.max_queue = cfg, spec, world, cfg.engine.max_queue
-        self.topo = Topology(cfg.tp, cfg.pp, cfg.ep)
+        self.topo = Topology(cfg.tp, cfg.pp, cfg.ep)  # served now
+        self.wanted = self.topo  # the last committed by a switch (or the configured start): kept while it fits
         self.eos_token_ids = eos_token_ids
         self.on_serving = on_serving  # health follows this
         # Ranks on other nodes (`remp join`) prove themselves with the admin token; local ones get a fresh secret.
@@ -246,13 +247,15 @@ class EngineClient:
         self._end_calls("the engine restarted")
         self._peer, self._last_heard, self.world, self.ranks = peer, time.monotonic(), msg.world, msg.ranks
         self._decisions = {}
-        t, config = self.topo, self.cfg.model_dump_json()
-        try:
-            t.validate(self.spec, msg.world)
-        except TopologyError as e:
-            self.link.send(link.Start(config, t.tp, t.pp, t.ep, self.eos_token_ids, refused=str(e)), peer)
-            self.fail(f"cannot serve {t} on the {msg.world} rank(s) that joined: {e}")
+        t, config = topology_for_world(self.spec, self.wanted, msg.world), self.cfg.model_dump_json()
+        if t is None:
+            why = f"no topology of this model fits the {msg.world} rank(s) that joined"
+            self.link.send(link.Start(config, 0, 0, 0, self.eos_token_ids, refused=why), peer)
+            self.fail(why)
             return
+        if t != self.wanted:
+            log.warning("%s does not fit the %d rank(s) that joined: serving at %s, the largest that does, until "
+                        "the world grows back", self.wanted, msg.world, t)
         self.link.send(link.Start(config, t.tp, t.pp, t.ep, self.eos_token_ids), peer)
 
     def _on_ready(self, msg: link.Ready) -> None:
@@ -288,7 +291,7 @@ class EngineClient:
         self.history.append(record)
         metrics.observe_switch(record, msg.phases)
         if record.committed:
-            self.topo = Topology.parse(record.target)
+            self.topo = self.wanted = Topology.parse(record.target)
 
     def _watchdog(self) -> None:
         """The core is silent (its process is gone or hung): not serving until a new one is ready."""

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from remp_megatron.spec import ModelSpec, SpecError
-from remp_megatron.topology import Topology, TopologyError
+from remp_megatron.topology import Topology, TopologyError, topology_for_world
 
 LLAMA = {
     "architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
@@ -189,6 +189,15 @@ def test_from_file_errors_name_the_file(tmp_path):
 def test_impossible_topology_names_constraint(tp, pp, world, constraint):
     with pytest.raises(TopologyError, match=constraint):
         Topology(tp, pp).validate(spec(vocab_size=258 if "vocab" in constraint else 256), world)
+
+
+def test_a_reformed_world_keeps_the_wanted_topology_or_takes_the_largest_that_fits():
+    s = spec()
+    assert topology_for_world(s, Topology(2, 2), 4) == Topology(2, 2)
+    assert topology_for_world(s, Topology(2, 2), 8) == Topology(2, 2)  # grown: the rest stand by
+    assert topology_for_world(s, Topology(2, 2), 2) == Topology(2, 1)  # shrunk: most ranks, then most TP
+    assert topology_for_world(s, Topology(1, 4), 3) == Topology(1, 1)  # only sizes dividing 3 fit
+    assert topology_for_world(spec(num_key_value_heads=1, num_attention_heads=1), Topology(1, 4), 2) == Topology(1, 2)
 
 
 def test_rank_map_and_standby():
