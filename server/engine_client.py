@@ -57,12 +57,13 @@ class EngineUnavailable(RuntimeError):
 
 
 class EngineClient:
-    def __init__(self, cfg: ServerConfig, spec: ModelSpec, world: int, eos_token_ids: list[int],
+    def __init__(self, cfg: ServerConfig, spec: ModelSpec, world: int,
                  on_serving: Callable[[bool], None] = lambda serving: None):
         self.cfg, self.spec, self.world, self.max_queue = cfg, spec, world, cfg.engine.max_queue
         self.topo = Topology(cfg.tp, cfg.pp, cfg.ep)  # served now
         self.wanted = self.topo  # the last committed by a switch (or the configured start): kept while it fits
-        self.eos_token_ids = eos_token_ids
+        self.eos_token_ids: Optional[list[int]] = None  # the tokenizer's (set_eos): a Join waits for it
+        self._pending_join: Optional[tuple[bytes, link.Join]] = None
         self.on_serving = on_serving  # health follows this
         # Ranks on other nodes (`remp join`) prove themselves with the admin token; local ones get a fresh secret.
         self.secret = cfg.admin_token() or f"{random.getrandbits(128):032x}"
@@ -153,6 +154,13 @@ class EngineClient:
     def policy_decisions(self) -> dict[str, int]:
         return dict(self._decisions)
 
+    def set_eos(self, eos_token_ids: list[int]) -> None:
+        """The tokenizer's end-of-text ids (the front end loads it while the ranks start)."""
+        with self._lock:
+            self.eos_token_ids = eos_token_ids
+            if self._pending_join is not None:
+                self._on_join(*self._pending_join)
+
     def shutdown_engine(self) -> None:
         """Tell the core to stop every rank (they exit 0)."""
         with self._lock:
@@ -236,6 +244,10 @@ class EngineClient:
         if msg.secret != self.secret:
             log.warning("ignored a Join without the link secret from %r", peer)
             return
+        if self.eos_token_ids is None:
+            self._pending_join = (peer, msg)
+            return
+        self._pending_join = None
         if self.serving:  # the old core went away just now, unnoticed by the watchdog
             self._down_since = time.monotonic()
         if self._peer is not None:

@@ -64,25 +64,27 @@ def serve(cfg: ServerConfig, nproc: int, torchrun_flags: list[str], port_file: O
           allow_fault_injection: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = ModelSpec.from_file(cfg.model / "config.json")
-    tokenizer = None
-    if (cfg.model / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
-    eos = [tokenizer.eos_token_id] if tokenizer is not None and tokenizer.eos_token_id is not None else []
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-
     health = None
 
     def on_serving(serving: bool) -> None:
         if health is not None and not stop.is_set():
             health.set_all(serving)
 
-    client = EngineClient(cfg, spec, nproc, eos, on_serving)
+    client = EngineClient(cfg, spec, nproc, on_serving)
+    # The ranks start first: their start-up (imports, process groups) overlaps with the front end's.
+    ranks = start_ranks(nproc, cfg.max_restarts, torchrun_flags, client.address, client.secret)
+    tokenizer = None
+    if (cfg.model / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
+    client.set_eos([tokenizer.eos_token_id] if tokenizer is not None and tokenizer.eos_token_id is not None else [])
     service = Service(client, cfg, tokenizer, allow_fault_injection, shutdown=stop.set)
     server, port, health = start_grpc(Frontend(service), cfg)
+    health.set_all(client.serving)
     ports = {"port": port}
     http = None
     if cfg.http_port is not None:
@@ -94,8 +96,6 @@ def serve(cfg: ServerConfig, nproc: int, torchrun_flags: list[str], port_file: O
     metrics.bind_engine(client)
     if cfg.metrics_port is not None:
         log.info("metrics on %s:%d", cfg.host, metrics.serve_metrics(cfg.metrics_port, cfg.host))
-
-    ranks = start_ranks(nproc, cfg.max_restarts, torchrun_flags, client.address, client.secret)
     log.info("gRPC on %s:%d; engine ranks under torchrun (pid %d, up to %d restarts), link %s",
              cfg.host, port, ranks.pid, cfg.max_restarts, client.address)
 

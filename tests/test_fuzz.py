@@ -17,7 +17,7 @@ from server.client import RempClient
 
 pytestmark = pytest.mark.world
 
-N_MESSAGES = 3000
+N_MESSAGES = 2000
 MAX_NEW = 32
 VALID = [[7, 3, 99, 41, 5], [12, 250, 8, 64], [33, 1, 2, 3, 4, 5, 6]]
 METHODS = {  # every RPC, by its wire path: (streaming response?, request type)

@@ -112,34 +112,36 @@ def test_sampling_params_validation():
 
 
 def test_last_token_text_is_emitted_even_with_a_partial_character():
-    """A length finish must flush text: no later token will complete a held-back character."""
+    """A finish must flush text: no later token will complete a held-back character."""
     from types import SimpleNamespace
 
-    from remp_megatron.output import OutputProcessor
+    from server.detokenizer import Detokenizer
 
     pieces = {3: "ab", 4: "c\ufffd"}  # token 4 decodes to a complete "c" plus half a character
     tok = SimpleNamespace(decode=lambda ids, skip_special_tokens: "".join(pieces[i] for i in ids))
-    out = OutputProcessor(tok, frozenset())
-    s = Sequence("r", [1], SamplingParams(max_new_tokens=2), seed=0)
-    first, last = out.append(s, 3), out.append(s, 4)
-    assert (first.text, first.finished) == ("ab", False)
-    assert s.output == [3, 4] and last.finished and last.finish_reason.value == "length"
-    assert (first.text + last.text).startswith("abc")  # the complete "c" is not lost
+    d = Detokenizer(tok, [])
+    first, last = d.add([3], False), d.add([4], True)
+    assert first == ("ab", False)
+    assert (first[0] + last[0]).startswith("abc") and not last[1]  # the complete "c" is not lost
 
 
 def test_partial_character_is_held_back_until_completed_and_stop_strings_cut():
     from types import SimpleNamespace
 
     from remp_megatron.output import OutputProcessor
+    from server.detokenizer import Detokenizer
 
     pieces = {3: "x\ufffd", 4: "é", 5: "STOP", 6: "!"}
     tok = SimpleNamespace(decode=lambda ids, skip_special_tokens: "".join(pieces[i] for i in ids).replace("\ufffdé", "é"))
-    out = OutputProcessor(tok, frozenset({6}))
-    s = Sequence("r", [1], SamplingParams(max_new_tokens=10, stop=["ST"]), seed=0)
-    held = out.append(s, 3)
-    assert held.text == "" and not held.finished  # half a character: nothing yet
-    assert out.append(s, 4).text == "xé"
-    stop = out.append(s, 5)
-    assert stop.finished and stop.finish_reason.value == "stop" and stop.text == ""  # "ST..." cut
-    eos = OutputProcessor(tok, frozenset({6})).append(Sequence("e", [1], SamplingParams(), seed=0), 6)
+    d = Detokenizer(tok, ["ST"])
+    assert d.add([3], False) == ("", False)  # half a character: nothing yet
+    assert d.add([4], False) == ("xé", False)
+    assert d.add([5], False) == ("", True)  # "ST..." cut, and the request stops
+    out = OutputProcessor(frozenset({6}))  # the engine's own stops: end of text, stop ids, length
+    eos = out.append(Sequence("e", [1], SamplingParams(), seed=0), 6)
     assert eos.finished and eos.finish_reason.value == "stop"
+    stop_id = out.append(Sequence("s", [1], SamplingParams(stop_token_ids=[4]), seed=0), 4)
+    assert stop_id.finished and stop_id.finish_reason.value == "stop"
+    length = out.append(Sequence("l", [1], SamplingParams(max_new_tokens=1), seed=0), 3)
+    assert length.finished and length.finish_reason.value == "length"
+    assert not OutputProcessor(frozenset({6})).append(Sequence("i", [1], SamplingParams(ignore_eos=True), seed=0), 6).finished
