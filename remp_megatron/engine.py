@@ -19,7 +19,7 @@ from .output import OutputProcessor
 from .reconfigure import MODES, Fault, PrestageOrder, ReconfigureOrder, RolledBack, Timeline
 from .request import FinishReason, Request, RequestHandle, Sequence, SequenceState, StepOutput
 from .sampler import sample_one
-from .scheduler import Scheduled, Scheduler, SchedulerConfig, StepPlan
+from .scheduler import Load, Scheduled, Scheduler, SchedulerConfig, StepPlan
 from .topology import Topology
 from .worker import Prestage, PrestageKV, PrestageRounds, Reconfigure, Step, Stop, Worker
 
@@ -58,34 +58,18 @@ class Staging:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-@dataclass(frozen=True)
-class Load:
-    """The engine's load at one instant (what the policy, metrics and status read)."""
-
-    queued: int
-    running: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-
-    @property
-    def kv_blocks_free(self) -> int:
-        return self.kv_blocks_total - self.kv_blocks_used
-
-    @property
-    def kv_usage(self) -> float:
-        return self.kv_blocks_used / self.kv_blocks_total
-
-
 class Engine:
     """Rank 0's engine. Thread-safe entry points: add_request, cancel, pause, resume."""
 
-    def __init__(self, worker: Worker, cfg: EngineConfig, eos_token_ids: Iterable[int] = ()):
-        """``eos_token_ids``: end-of-text ids beyond the model config's (the tokenizer's)."""
+    def __init__(self, worker: Worker, cfg: EngineConfig, eos_token_ids: Iterable[int] = (), bounded_queue: bool = True):
+        """``eos_token_ids``: end-of-text ids beyond the model config's (the tokenizer's).
+        ``bounded_queue``: refuse requests beyond ``cfg.max_queue`` waiting (False in the engine
+        core: the front end admits, and the core takes what it was given, re-admissions included)."""
         self.worker, self.spec, self.cfg = worker, worker.spec, cfg
         spec = self.spec
         self.sched = Scheduler(SchedulerConfig(
             num_blocks=worker.runner.kv.buffer.shape[2], block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
-            max_tokens_per_step=cfg.max_tokens_per_step, max_queue=cfg.max_queue,
+            max_tokens_per_step=cfg.max_tokens_per_step, max_queue=cfg.max_queue if bounded_queue else None,
             max_model_len=spec.max_position_embeddings))
         self.output = OutputProcessor(frozenset(spec.eos_token_ids) | frozenset(eos_token_ids))
         self.steps = 0

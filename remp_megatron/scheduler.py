@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, replace
+from typing import Optional
 
 from .kv_cache import BlockAllocator
 from .request import Sequence, SequenceState, Status
@@ -59,13 +60,43 @@ class RequestTooLong(ValueError):
     pass
 
 
+def check_fits(prompt_len: int, max_new_tokens: int, max_model_len: int, block_size: int, num_blocks: int) -> None:
+    """Raise RequestTooLong for a request that can never run: beyond the model's context, or more
+    KV blocks than the whole cache has."""
+    total = prompt_len + max_new_tokens
+    if total > max_model_len:
+        raise RequestTooLong(f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} = {total} "
+                             f"exceeds the model context of {max_model_len} tokens")
+    blocks = -(-total // block_size)
+    if blocks > num_blocks:
+        raise RequestTooLong(f"{total} tokens need {blocks} KV blocks; the cache has {num_blocks} in all")
+
+
+@dataclass(frozen=True)
+class Load:
+    """The engine's load at one instant (what the policy, metrics and status read)."""
+
+    queued: int = 0
+    running: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+
+    @property
+    def kv_blocks_free(self) -> int:
+        return self.kv_blocks_total - self.kv_blocks_used
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     num_blocks: int
     block_size: int = 16
     max_num_seqs: int = 32
     max_tokens_per_step: int = 256  # prefill chunking budget (decode tokens count too)
-    max_queue: int = 256
+    max_queue: Optional[int] = 256  # None: unbounded (the engine core's front end bounds it)
     max_model_len: int = 2048
 
 
@@ -153,19 +184,9 @@ class Scheduler:
         self.kv_staged: set[int] = set()
 
     def check(self, prompt_len: int, max_new_tokens: int) -> None:
-        """Reject what can never run; raises RequestTooLong / QueueFull."""
-        total = prompt_len + max_new_tokens
-        if total > self.cfg.max_model_len:
-            raise RequestTooLong(
-                f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} = {total} "
-                f"exceeds the model context of {self.cfg.max_model_len} tokens"
-            )
-        if self.alloc.blocks_for(total) > self.cfg.num_blocks:
-            raise RequestTooLong(
-                f"{total} tokens need {self.alloc.blocks_for(total)} KV blocks; the cache has "
-                f"{self.cfg.num_blocks} in all"
-            )
-        if len(self.waiting) >= self.cfg.max_queue:
+        """Reject what can never run, or what finds the queue full; raises RequestTooLong / QueueFull."""
+        check_fits(prompt_len, max_new_tokens, self.cfg.max_model_len, self.cfg.block_size, self.cfg.num_blocks)
+        if self.cfg.max_queue is not None and len(self.waiting) >= self.cfg.max_queue:
             raise QueueFull(f"admission queue full ({self.cfg.max_queue} waiting)")
 
     def add(self, seq: Sequence) -> None:

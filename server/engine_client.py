@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 from remp_megatron.reconfigure import Fault
 from remp_megatron.request import FinishReason, Request, StepOutput
-from remp_megatron.scheduler import QueueFull, RequestTooLong
+from remp_megatron.scheduler import Load, QueueFull, check_fits
 from remp_megatron.spec import ModelSpec
 from remp_megatron.topology import Topology, topology_for_world
 
@@ -36,20 +36,6 @@ class _Entry:
     deliver: Callable[[StepOutput], None]
     output: list[int] = field(default_factory=list)
     cancelled: bool = False
-
-
-@dataclass
-class Load:
-    """The engine's load as last reported (what status and metrics read)."""
-
-    queued: int = 0
-    running: int = 0
-    kv_blocks_used: int = 0
-    kv_blocks_total: int = 0
-
-    @property
-    def kv_blocks_free(self) -> int:
-        return self.kv_blocks_total - self.kv_blocks_used
 
 
 class EngineUnavailable(RuntimeError):
@@ -91,15 +77,14 @@ class EngineClient:
 
     # ---- requests (any thread) ----------------------------------------------------------------
     def add_request(self, req: Request, sink: Callable[[StepOutput], None]) -> None:
-        """Admit ``req``; its outputs go to ``sink`` (on the link thread). Raises what the engine's own
-        admission would: ValueError, RequestTooLong, QueueFull; EngineUnavailable when it is gone."""
+        """Admit ``req``; its outputs go to ``sink`` (on the link thread). The front end is the one
+        admission: it raises what the engine's own would (ValueError, RequestTooLong, QueueFull) and
+        EngineUnavailable when the engine is gone; the core takes whatever was admitted."""
         if any(not 0 <= t < self.spec.vocab_size for t in req.prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.spec.vocab_size})")
-        total = len(req.prompt_token_ids) + req.params.max_new_tokens
-        if total > self.spec.max_position_embeddings:
-            raise RequestTooLong(f"prompt of {len(req.prompt_token_ids)} tokens + max_new_tokens "
-                                 f"{req.params.max_new_tokens} = {total} exceeds the model context of "
-                                 f"{self.spec.max_position_embeddings} tokens")
+        cache = self.load_now.kv_blocks_total or 1 << 62  # unknown until the engine first served
+        check_fits(len(req.prompt_token_ids), req.params.max_new_tokens, self.spec.max_position_embeddings,
+                   self.cfg.engine.block_size, cache)
         if req.params.seed is None:
             req = req.model_copy(update={"params": req.params.model_copy(update={"seed": random.getrandbits(62)})})
         with self._lock:
@@ -150,9 +135,6 @@ class EngineClient:
     def set_policy(self, enabled: bool) -> queue.Queue:
         """The core's Reply (a pb.PolicyState, or an error), then None."""
         return self._call(lambda cid: link.SetPolicy(cid, enabled))
-
-    def policy_decisions(self) -> dict[str, int]:
-        return dict(self._decisions)
 
     def set_eos(self, eos_token_ids: list[int]) -> None:
         """The tokenizer's end-of-text ids (the front end loads it while the ranks start)."""

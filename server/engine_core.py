@@ -40,7 +40,7 @@ class EngineCore:
 
     def serve(self, worker, cfg: ServerConfig, load_s: float) -> None:
         """Serve until the front end says Shutdown; then release every rank."""
-        engine = self.engine = Engine(worker, cfg.engine, self._start.eos_token_ids)
+        engine = self.engine = Engine(worker, cfg.engine, self._start.eos_token_ids, bounded_queue=False)
         loop = threading.Thread(target=engine.run_forever, name="engine-loop", daemon=True)
         loop.start()
         self.switches = SwitchController(engine)

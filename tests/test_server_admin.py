@@ -50,11 +50,6 @@ def test_cli_chat_generate_and_status_with_token(server, tmp_path):
     out = remp("generate", "What is the capital of France?", "--chat", "--max-new-tokens", "24",
                "--addr", server.addr)
     assert out.returncode == 0 and "Paris" in out.stdout and "[stop" in out.stderr
-    # A stop string is cut in the front end (it detokenises); the engine stops at that token.
-    cut = remp("generate", "What is the capital of France?", "--chat", "--max-new-tokens", "24", "--stop", "Paris",
-               "--addr", server.addr)
-    assert cut.returncode == 0 and out.stdout.startswith(cut.stdout.rstrip("\n")) and "Paris" not in cut.stdout
-    assert "[stop" in cut.stderr
     (tmp_path / "t").write_text(TOKEN)
     st = json.loads(remp("status", "--addr", server.addr, "--token-file", str(tmp_path / "t"), "--json").stdout)
     assert st["topology"] == "TP1·PP1"
@@ -74,6 +69,7 @@ def fill(c: RempClient, prefix: str, prompt: list[int], max_new: int) -> list:
     running before the others arrive, else all three would wait at once and the third be refused.
     Returns the list each stream appends its last finish_reason to."""
     finished: list = []
+    wait_until(lambda: (c.status().running_requests, c.status().queue_depth) == (0, 0))  # earlier requests gone
 
     def run(i):
         last = None
@@ -87,6 +83,45 @@ def fill(c: RempClient, prefix: str, prompt: list[int], max_new: int) -> list:
             wait_until(lambda: c.status().running_requests == 1)
     wait_until(lambda: (c.status().running_requests, c.status().queue_depth) == (1, 2))
     return finished
+
+
+@pytest.fixture(scope="module")
+def france(smol_mg, smol_hf):
+    """The tokenizer, the France chat prompt's ids and HF's greedy continuation (it ends at EOS)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smol_mg))
+    ids = list(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                       add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    return tok, ids, smol_hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+
+
+def test_stop_conditions_and_text_equal_hf(server, france):
+    """End of text, a stop token id and length in the engine; the text and stop strings in the front end."""
+    tok, ids, ref = france
+    text = tok.decode(ref, skip_special_tokens=True)
+    assert ref[-1] == tok.eos_token_id and len(ref) < 24 and "Paris" in text  # HF stops at EOS too
+    with RempClient(server.addr, token=TOKEN) as c:
+        eos = c.generate(ids, max_new_tokens=40)
+        assert (list(eos.token_ids), eos.finish_reason, eos.text) == (ref, "stop", text)
+        stop_id = c.generate(ids, max_new_tokens=40, stop_token_ids=[ref[3]])
+        assert (list(stop_id.token_ids), stop_id.finish_reason) == (ref[:4], "stop")
+        length = c.generate(ids, max_new_tokens=3)
+        assert (list(length.token_ids), length.finish_reason) == (ref[:3], "length")
+        cut = c.generate(ids, max_new_tokens=40, stop=["Paris"])
+        assert (cut.finish_reason, cut.text) == ("stop", text.split("Paris")[0])
+        assert "Paris" in tok.decode(cut.token_ids) and "Paris" not in tok.decode(cut.token_ids[:-1])
+
+
+def test_detokenizer_streams_hf_text_and_cuts_stop_strings(france):
+    """Token by token, the front end's text adds up to HF's decode."""
+    from server.detokenizer import Detokenizer
+
+    tok, _, ref = france
+    d = Detokenizer(tok, [])
+    assert "".join(d.add([t], i == len(ref) - 1)[0] for i, t in enumerate(ref)) == tok.decode(
+        ref, skip_special_tokens=True)
 
 
 def test_full_admission_queue_is_resource_exhausted(server):

@@ -1,11 +1,11 @@
 """torchrun world that runs engine scenarios at several topologies (one world for all).
 
 Input (--spec JSON): {"model": dir, "topologies": [...], "engine": {EngineConfig fields},
-"tokenizer": bool, "scenarios": [{"name", "engine": {overrides}, "requests": [{"id", "prompt"
+"scenarios": [{"name", "engine": {overrides}, "requests": [{"id", "prompt"
 (ids), "params", "arrive"}], "cancel": {"id": step}, "pause_at": step, "topologies": [...]
 (default: all)}]}.
 Output (--out JSON, rank 0): {topology: {scenario: {"requests": {id: {tokens, finish_reason}},
-"preemptions", "cancel", "pause"}}}. Text and stop strings are the front end's (test_server).
+"preemptions", "cancel", "pause"}}}. Text and stop strings are the front end's (test_server_admin).
 """
 import json
 from pathlib import Path
@@ -52,11 +52,6 @@ def drive(engine: Engine, sc: dict, rt) -> dict:
 
 def main():
     args, rt, job, spec = start_world()
-    eos = []  # the tokenizer's end-of-text id, as the front end tells the engine core
-    if job.get("tokenizer"):
-        from transformers import AutoTokenizer
-
-        eos = [AutoTokenizer.from_pretrained(job["model"]).eos_token_id]
     results = {}
     for t in job["topologies"]:
         topo = Topology.parse(t)
@@ -72,7 +67,7 @@ def main():
                 runner.kv = KVCache.allocate(spec, topo, runner.pp_stage, cfg.blocks_for(spec, topo),
                                              cfg.block_size, rt.device)
             if rt.rank == 0:
-                results[t][sc["name"]] = drive(Engine(worker, cfg, eos), sc, rt)
+                results[t][sc["name"]] = drive(Engine(worker, cfg), sc, rt)
             else:
                 worker_loop(worker)
                 if "pause_at" in sc:
