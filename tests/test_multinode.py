@@ -21,7 +21,7 @@ pytestmark = pytest.mark.world
 
 TOKEN = "multi-node-token"
 PROMPTS = [[5, 17, 42, 9, 77, 3], [8, 1, 200, 31]]
-MAX_NEW = 120
+MAX_NEW = 48
 
 
 class Node:

@@ -15,7 +15,7 @@ from server.client import RempClient
 
 pytestmark = pytest.mark.world
 
-MAX_NEW = 160
+MAX_NEW = 64
 N_STREAMS = 4  # --max-num-seqs 2: two run, two wait in the queue when a rank dies
 
 
