@@ -196,7 +196,8 @@ class Link:
                 try:
                     self.sock.send_multipart([peer, data] if self._router else [data], zmq.NOBLOCK)
                 except zmq.ZMQError as e:  # a ROUTER peer that is gone: the message is moot
-                    log.debug("dropped a message to %r: %s", peer, e)
+                    log.log(logging.DEBUG if e.errno == zmq.EHOSTUNREACH else logging.WARNING,
+                            "dropped a message to %r: %s", peer, e)
             while self.sock.poll(0, zmq.POLLIN):
                 frames = self.sock.recv_multipart()
                 peer, data = (frames[0], frames[-1]) if self._router else (b"", frames[-1])
@@ -211,10 +212,19 @@ class Link:
         os.close(self._wake_w)
 
 
+def _socket(kind: int) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(kind)
+    # No high-water mark: a burst of outputs queues instead of being dropped (a send never blocks the
+    # link thread); what is queued for a peer that died goes with its pipe.
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    return sock
+
+
 def bind(host: str, port: int, on_message, name: str = "link") -> tuple[Link, str]:
     """The front end's end: a ROUTER on ``host``:``port`` (0: any free port); returns it and the
     address ranks connect to (this host's name when bound to all interfaces)."""
-    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock = _socket(zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone peer raises (logged) instead of vanishing
     if port:
         sock.bind(f"tcp://{host}:{port}")
@@ -226,7 +236,7 @@ def bind(host: str, port: int, on_message, name: str = "link") -> tuple[Link, st
 
 def connect(address: str, on_message, name: str = "link") -> Link:
     """The engine core's end: a DEALER connected to the front end."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock = _socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 2000)  # the last outputs reach the front end before exit
     sock.connect(address)
     return Link(sock, ToCore, lambda _peer, msg: on_message(msg), name)
