@@ -71,13 +71,16 @@ def main() -> int:
                 if kind == "PHASE":
                     phases.append(f"{ev.phase} {ev.seconds * 1e3:.0f} ms"
                                   + (f" ({ev.bytes / 2**20:.1f} MiB)" if ev.bytes else ""))
+                elif kind == "STAGING":  # progress while serving goes on: the committed line sums it up
+                    continue
                 elif kind == "ACCEPTED":
                     st = client.status()
                     print(f"  switch {ev.source} -> {ev.target} with {st.running_requests} requests mid-stream")
                 else:
                     st = client.status()
                     print("    phases: " + ", ".join(phases))
-                    print(f"    {kind.lower()}: downtime {ev.downtime_s * 1e3:.0f} ms (pause -> first token)"
+                    staged = f", staged {ev.staging_s * 1e3:.0f} ms while serving" if ev.prestaged else ""
+                    print(f"    {kind.lower()}: downtime {ev.downtime_s * 1e3:.0f} ms (pause -> first token){staged}"
                           + (f", {ev.reason}" if ev.reason else "")
                           + f"; active ranks {list(st.active_ranks)}, standby {list(st.standby_ranks)}", flush=True)
         for t in threads:
