@@ -61,7 +61,8 @@ class Staging:
 class Engine:
     """Rank 0's engine. Thread-safe entry points: add_request, cancel, pause, resume."""
 
-    def __init__(self, worker: Worker, cfg: EngineConfig, eos_token_ids: Iterable[int] = (), bounded_queue: bool = True):
+    def __init__(self, worker: Worker, cfg: EngineConfig, eos_token_ids: Iterable[int] = (),
+                 bounded_queue: bool = True):
         """``eos_token_ids``: end-of-text ids beyond the model config's (the tokenizer's).
         ``bounded_queue``: refuse requests beyond ``cfg.max_queue`` waiting (False in the engine
         core: the front end admits, and the core takes what it was given, re-admissions included)."""

@@ -53,9 +53,8 @@ class EngineCore:
 
             self.policy = PolicyLoop(engine, self.switches, cfg.policy, CostProfile.load(cfg.policy_profile),
                                      cfg.policy_enabled)
-        spec = engine.spec
-        self.link.send(link.Ready(worker.topo.tp, worker.topo.pp, worker.topo.ep, spec.dtype, engine.load().kv_blocks_total,
-                                  load_s))
+        topo = worker.topo
+        self.link.send(link.Ready(topo.tp, topo.pp, topo.ep, engine.spec.dtype, engine.load().kv_blocks_total, load_s))
         log.info("serving %s at %s (%d ranks)", cfg.model.name, worker.topo, worker.world)
         while not self._stop.wait(link.HEARTBEAT_S):
             self._heartbeat()
