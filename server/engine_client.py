@@ -45,7 +45,7 @@ class EngineUnavailable(RuntimeError):
 class EngineClient:
     def __init__(self, cfg: ServerConfig, spec: ModelSpec, world: int,
                  on_serving: Callable[[bool], None] = lambda serving: None):
-        self.cfg, self.spec, self.world, self.max_queue = cfg, spec, world, cfg.engine.max_queue
+        self.cfg, self.spec, self.world = cfg, spec, world
         self.topo = Topology(cfg.tp, cfg.pp, cfg.ep)  # served now
         self.wanted = self.topo  # the last committed by a switch (or the configured start): kept while it fits
         self.eos_token_ids: Optional[list[int]] = None  # the tokenizer's (set_eos): a Join waits for it
@@ -92,8 +92,8 @@ class EngineClient:
                 raise EngineUnavailable(self.failure)
             if req.request_id in self._entries:
                 raise ValueError(f"request id {req.request_id!r} is already in use")
-            if len(self._entries) - self.load_now.running >= self.max_queue:
-                raise QueueFull(f"admission queue full ({self.max_queue} waiting)")
+            if len(self._entries) - self.load_now.running >= self.cfg.engine.max_queue:
+                raise QueueFull(f"admission queue full ({self.cfg.engine.max_queue} waiting)")
             entry = self._entries[req.request_id] = _Entry(req, sink)
             if self.serving:
                 self._admit(entry)
@@ -255,6 +255,9 @@ class EngineClient:
     def _on_ready(self, msg: link.Ready) -> None:
         self.topo, self.dtype = Topology(msg.tp, msg.pp, msg.ep), msg.dtype
         self.load_now = Load(kv_blocks_total=msg.num_blocks)
+        for entry in [e for e in self._entries.values() if e.cancelled]:  # the lost core never confirmed
+            self._finish(entry, StepOutput(entry.request.request_id, [], True, FinishReason.CANCELLED,
+                                           len(entry.request.prompt_token_ids), len(entry.output)))
         entries = list(self._entries.values())
         for entry in entries:
             self._admit(entry)

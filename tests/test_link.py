@@ -1,7 +1,8 @@
 """The front end ⇄ engine core link over real ZeroMQ sockets on loopback: a burst of outputs
-arrives whole and in order (nothing dropped at a high-water mark); a peer without the secret,
-or bytes that are no message, are ignored."""
+arrives whole and in order (nothing dropped at a high-water mark); bytes that are no message are
+ignored; the front end's journal re-admits what a lost core left."""
 import threading
+import time
 
 import zmq
 
@@ -48,3 +49,59 @@ def test_malformed_bytes_on_the_link_are_ignored():
         raw.close(linger=0)
         core.close()
         front.close()
+
+
+def test_the_front_end_readmits_what_a_lost_core_left_with_its_streamed_tokens():
+    """The journal over a real link, a test process playing two engine cores in turn: after a
+    restart, unfinished requests come back with prompt + streamed tokens and their seed; one
+    cancelled before the loss (never confirmed) ends CANCELLED instead of running again."""
+    import queue as queue_mod
+
+    from remp_megatron.request import Request, SamplingParams
+    from server.config import ServerConfig
+    from server.engine_client import EngineClient
+    from test_spec_topology import spec
+
+    cfg = ServerConfig(model="/nonexistent", tp=1, pp=1)
+    client = EngineClient(cfg, spec(), 1)
+    client.set_eos([2])
+    outputs = {"keep": [], "drop": []}
+
+    def core(name):
+        inbox = queue_mod.Queue()
+        c = link.connect(client.address, inbox.put, name)
+        c.send(link.Join(client.secret, 1, [link.RankInfo(0, "h", 1)]))
+        assert isinstance(inbox.get(timeout=30), link.Start)
+        c.send(link.Ready(1, 1, 1, "float32", 64, 0.1))
+        return c, inbox
+
+    first, inbox = core("core-1")
+    wait(lambda: client.serving)
+    for rid in outputs:
+        client.add_request(Request(request_id=rid, prompt_token_ids=[5, 6, 7], params=SamplingParams(temperature=1.0)),
+                           outputs[rid].append)
+    adds = [inbox.get(timeout=30) for _ in range(2)]
+    seeds = {a.request_id: a.params["seed"] for a in adds}
+    first.send(link.TokenOutput("keep", [11]))
+    first.send(link.TokenOutput("drop", [12]))
+    wait(lambda: all(outputs.values()))
+    assert client.cancel("drop")
+    assert isinstance(inbox.get(timeout=30), link.Cancel)
+    first.close()  # the core is lost before it confirmed the cancel
+
+    second, inbox = core("core-2")
+    again = inbox.get(timeout=30)
+    assert (again.request_id, again.prompt, again.output, again.params["seed"]) == ("keep", [5, 6, 7], [11], seeds["keep"])
+    time.sleep(0.3)  # anything else re-admitted would have arrived by now
+    assert inbox.empty() and client.restarts == 1
+    wait(lambda: outputs["drop"][-1].finished)
+    assert outputs["drop"][-1].finish_reason.value == "cancelled" and not outputs["keep"][-1].finished
+    second.close()
+    client.link.close()
+
+
+def wait(cond, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)

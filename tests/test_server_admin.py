@@ -114,7 +114,7 @@ def test_stop_conditions_and_text_equal_hf(server, france):
         assert "Paris" in tok.decode(cut.token_ids) and "Paris" not in tok.decode(cut.token_ids[:-1])
 
 
-def test_detokenizer_streams_hf_text_and_cuts_stop_strings(france):
+def test_detokenizer_streams_hf_text_token_by_token(france):
     """Token by token, the front end's text adds up to HF's decode."""
     from server.detokenizer import Detokenizer
 
