@@ -232,16 +232,16 @@ class EngineClient:
         self._pending_join = None
         if self.serving:  # the old core went away just now, unnoticed by the watchdog
             self._down_since = time.monotonic()
+        t, config = topology_for_world(self.spec, self.wanted, msg.world), self.cfg.model_dump_json()
         if self._peer is not None:
             self.restarts += 1
             metrics.RESTARTS.inc()
             log.warning("engine core restarted (restart %d): %d ranks on %s; loading %s", self.restarts, msg.world,
-                        ", ".join(sorted({r.host for r in msg.ranks})), self.topo)
+                        ", ".join(sorted({r.host for r in msg.ranks})), t or "nothing")
         self._set_serving(False)
         self._end_calls("the engine restarted")
         self._peer, self._last_heard, self.world, self.ranks = peer, time.monotonic(), msg.world, msg.ranks
         self._decisions = {}
-        t, config = topology_for_world(self.spec, self.wanted, msg.world), self.cfg.model_dump_json()
         if t is None:
             why = f"no topology of this model fits the {msg.world} rank(s) that joined"
             self.link.send(link.Start(config, 0, 0, 0, self.eos_token_ids, refused=why), peer)

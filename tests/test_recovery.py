@@ -25,13 +25,18 @@ def prompts():
             for _ in range(N_STREAMS)]
 
 
-@pytest.fixture(scope="module")
-def reference(llama_hf):
+def hf_greedy(llama_hf) -> list[list[int]]:
+    """HF's greedy continuation of each of ``prompts()``."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(llama_hf), dtype=torch.float32).eval()
     return [hf.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, do_sample=False)[0, len(p):].tolist()
             for p in prompts()]
+
+
+@pytest.fixture(scope="module")
+def reference(llama_hf):
+    return hf_greedy(llama_hf)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +87,12 @@ class Streams:
             t.join(300)
         assert not any(t.is_alive() for t in self.threads), "a stream hung"
 
+    def finish(self) -> list[list[int]]:
+        """Each stream's tokens, once every one has ended normally."""
+        self.join()
+        assert all(end in ("length", "stop") for end in self.ends), self.ends
+        return self.tokens
+
 
 def kill_rank_mid_stream(client, rank: int) -> Streams:
     """Start the streams; once some have tokens and some still wait, SIGKILL ``rank``."""
@@ -96,9 +107,7 @@ def kill_rank_mid_stream(client, rank: int) -> Streams:
 def test_streams_and_queue_survive_a_killed_rank(server, client, reference, rank):
     before = client.status()
     streams = kill_rank_mid_stream(client, rank)
-    streams.join()
-    assert all(end in ("length", "stop") for end in streams.ends), streams.ends
-    assert streams.tokens == reference  # continued exactly where each stream was
+    assert streams.finish() == reference  # continued exactly where each stream was
     st = client.status()
     assert st.restarts == before.restarts + 1 and st.serving and client.health() == "SERVING"
     assert st.topology == "TP1·PP2" and not {r.pid for r in st.ranks} & {r.pid for r in before.ranks}
