@@ -56,14 +56,43 @@ class CostProfile:
     def throughput_best(self) -> Topology:
         return max(self.costs, key=lambda c: c.tokens_per_s).topology
 
+    def best_among(self, fits: list[Topology], load: int, cfg: PolicyConfig) -> Optional[Topology]:
+        """Where the policy would serve ``load`` if only ``fits`` were possible (the world shrank):
+        the throughput-best at or above ``high_load``, else the latency-best; None if no topology
+        in ``fits`` is profiled."""
+        costs = [c for c in self.costs if c.topology in fits]
+        if not costs:
+            return None
+        if load >= cfg.high_load:
+            return max(costs, key=lambda c: c.tokens_per_s).topology
+        return min(costs, key=lambda c: c.tpot_s).topology
+
+    def to_json(self) -> str:
+        return json.dumps([{**asdict(c), "topology": c.topology.short} for c in self.costs], indent=2)  # "1x3"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "cost profile") -> "CostProfile":
+        try:
+            rows = json.loads(text)
+            costs = tuple(TopologyCost(Topology.parse(c["topology"]), float(c["tpot_s"]), float(c["tokens_per_s"]))
+                          for c in rows)
+        except (ValueError, TypeError, KeyError) as e:  # TopologyError is a ValueError
+            raise ValueError(f"{source}: not a cost profile (a JSON list of {{topology, tpot_s, tokens_per_s}}): "
+                             f"{type(e).__name__}: {e}") from e
+        if not costs:
+            raise ValueError(f"{source}: the cost profile lists no topology")
+        return cls(costs)
+
     def save(self, path: Path) -> None:
-        rows = [{**asdict(c), "topology": c.topology.short} for c in self.costs]  # "1x3" in the file
-        Path(path).write_text(json.dumps(rows, indent=2))
+        Path(path).write_text(self.to_json())
 
     @classmethod
     def load(cls, path: Path) -> "CostProfile":
-        rows = json.loads(Path(path).read_text())
-        return cls(tuple(TopologyCost(**{**c, "topology": Topology.parse(c["topology"])}) for c in rows))
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read the cost profile: {e.strerror}") from e
+        return cls.from_json(text, str(path))
 
 
 @dataclass(frozen=True)

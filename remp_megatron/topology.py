@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from .spec import ModelSpec
 
@@ -124,13 +124,15 @@ def valid_topologies(spec: ModelSpec, world_size: int) -> list[Topology]:
     return out
 
 
-def topology_for_world(spec: ModelSpec, wanted: Topology, world_size: int) -> Optional[Topology]:
+def topology_for_world(spec: ModelSpec, wanted: Topology, world_size: int,
+                       prefer: Callable[[list[Topology]], Optional[Topology]] = lambda fits: None
+                       ) -> Optional[Topology]:
     """Where a (re-)formed world of ``world_size`` ranks starts: ``wanted`` if it fits, else (ranks
-    are gone) the largest topology that does — most ranks, then most TP (lower latency); None if
-    none does."""
+    are gone) ``prefer``'s choice among those that do (the policy's cost profile), else the largest
+    — most ranks, then most TP (lower latency); None if none fits."""
     try:
         wanted.validate(spec, world_size)
         return wanted
     except TopologyError:
         fits = valid_topologies(spec, world_size)
-        return max(fits, key=lambda t: (t.size, t.tp)) if fits else None
+        return (prefer(fits) or max(fits, key=lambda t: (t.size, t.tp))) if fits else None

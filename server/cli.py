@@ -97,9 +97,12 @@ def serve_config(args) -> ServerConfig:
 
 
 def cmd_serve(args) -> int:
+    from remp_megatron.policy import CostProfile
+
     try:
         cfg = serve_config(args)
         cfg.admin_token()  # refuse to start beyond loopback without a token
+        profile = CostProfile.load(cfg.policy_profile) if cfg.policy_profile is not None else None
     except ValidationError as e:
         for err in e.errors():
             where = ".".join(map(str, err["loc"]))
@@ -111,7 +114,8 @@ def cmd_serve(args) -> int:
         return 2
     from .serve import serve
 
-    return serve(cfg, args.nproc, args.torchrun or ["--standalone"], args.port_file, args.allow_fault_injection)
+    return serve(cfg, args.nproc, args.torchrun or ["--standalone"], args.port_file, args.allow_fault_injection,
+                 profile)
 
 
 def cmd_join(args) -> int:

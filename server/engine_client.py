@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from remp_megatron.policy import CostProfile
 from remp_megatron.reconfigure import Fault
 from remp_megatron.request import FinishReason, Request, StepOutput
 from remp_megatron.scheduler import Load, QueueFull, check_fits
@@ -44,8 +45,9 @@ class EngineUnavailable(RuntimeError):
 
 class EngineClient:
     def __init__(self, cfg: ServerConfig, spec: ModelSpec, world: int,
-                 on_serving: Callable[[bool], None] = lambda serving: None):
+                 on_serving: Callable[[bool], None] = lambda serving: None, profile: Optional[CostProfile] = None):
         self.cfg, self.spec, self.world = cfg, spec, world
+        self.profile = profile  # the policy's (--policy-profile): sent to each core; picks where a shrunk world serves
         self.topo = Topology(cfg.tp, cfg.pp, cfg.ep)  # served now
         self.wanted = self.topo  # the last committed by a switch (or the configured start): kept while it fits
         self.eos_token_ids: Optional[list[int]] = None  # the tokenizer's (set_eos): a Join waits for it
@@ -232,7 +234,7 @@ class EngineClient:
         self._pending_join = None
         if self.serving:  # the old core went away just now, unnoticed by the watchdog
             self._down_since = time.monotonic()
-        t, config = topology_for_world(self.spec, self.wanted, msg.world), self.cfg.model_dump_json()
+        t, config = topology_for_world(self.spec, self.wanted, msg.world, self._profiled), self.cfg.model_dump_json()
         if self._peer is not None:
             self.restarts += 1
             metrics.RESTARTS.inc()
@@ -248,9 +250,15 @@ class EngineClient:
             self.fail(why)
             return
         if t != self.wanted:
-            log.warning("%s does not fit the %d rank(s) that joined: serving at %s, the largest that does, until "
-                        "the world grows back", self.wanted, msg.world, t)
-        self.link.send(link.Start(config, t.tp, t.pp, t.ep, self.eos_token_ids), peer)
+            log.warning("%s does not fit the %d rank(s) that joined: serving at %s, %s, until the world grows back",
+                        self.wanted, msg.world, t, "the cost profile's choice for %d pending request(s)"
+                        % len(self._entries) if self.profile is not None else "the largest that does")
+        profile = self.profile.to_json() if self.profile is not None else ""
+        self.link.send(link.Start(config, t.tp, t.pp, t.ep, self.eos_token_ids, profile), peer)
+
+    def _profiled(self, fits: list[Topology]) -> Optional[Topology]:
+        """Among the topologies a shrunk world fits, where the policy would serve what is pending."""
+        return self.profile.best_among(fits, len(self._entries), self.cfg.policy) if self.profile is not None else None
 
     def _on_ready(self, msg: link.Ready) -> None:
         self.topo, self.dtype = Topology(msg.tp, msg.pp, msg.ep), msg.dtype

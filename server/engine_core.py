@@ -46,12 +46,12 @@ class EngineCore:
         self.switches = SwitchController(engine)
         self.switches.on_record.append(
             lambda record, phases: self.link.send(link.SwitchDone(record.SerializeToString(), phases)))
-        if cfg.policy_profile is not None:
+        if self._start.profile:  # the file is on the front end's host, maybe not on this one
             from remp_megatron.policy import CostProfile
 
             from .policy_loop import PolicyLoop
 
-            self.policy = PolicyLoop(engine, self.switches, cfg.policy, CostProfile.load(cfg.policy_profile),
+            self.policy = PolicyLoop(engine, self.switches, cfg.policy, CostProfile.from_json(self._start.profile),
                                      cfg.policy_enabled)
         topo = worker.topo
         self.link.send(link.Ready(topo.tp, topo.pp, topo.ep, engine.spec.dtype, engine.load().kv_blocks_total, load_s))

@@ -44,6 +44,7 @@ class Start(msgspec.Struct, tag=True):
     pp: int
     ep: int
     eos_token_ids: list[int]
+    profile: str = ""  # the policy's cost profile (CostProfile JSON), read by the front end: "" for none
     refused: str = ""
 
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from remp_megatron.policy import CostProfile
 from remp_megatron.spec import ModelSpec
 
 from . import link, metrics
@@ -66,7 +67,7 @@ def join(link_address: str, secret: str, nproc: int, max_restarts: int, torchrun
 
 
 def serve(cfg: ServerConfig, nproc: int, torchrun_flags: list[str], port_file: Optional[Path] = None,
-          allow_fault_injection: bool = False) -> int:
+          allow_fault_injection: bool = False, profile: Optional[CostProfile] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = ModelSpec.from_file(cfg.model / "config.json")
     stop = threading.Event()
@@ -78,7 +79,7 @@ def serve(cfg: ServerConfig, nproc: int, torchrun_flags: list[str], port_file: O
         if health is not None and not stop.is_set():
             health.set_all(serving)
 
-    client = EngineClient(cfg, spec, nproc, on_serving)
+    client = EngineClient(cfg, spec, nproc, on_serving, profile)
     # The ranks start first: their start-up (imports, process groups) overlaps with the front end's.
     ranks = start_ranks(nproc, cfg.max_restarts, torchrun_flags, client.address, client.secret)
     tokenizer = None

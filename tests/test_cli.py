@@ -63,6 +63,7 @@ def test_help_lists_every_flag_with_its_models_default(capsys):
     (["--port", "70000"], "--port: Input should be less than or equal to 65535"),
     (["--max-queue", "0"], "--max-queue: Input should be greater than or equal to 1"),
     (["--policy-low", "7"], "policy: low_load (7.0) must be below high_load (6.0)"),
+    (["--policy-profile", "runs/none.json"], "runs/none.json: cannot read the cost profile: No such file or directory"),
 ])
 def test_a_bad_value_is_one_clear_line(flags, error, capsys):
     assert cli.main(["serve", "--model", str(MODEL), "--nproc", "1", *flags]) == 2

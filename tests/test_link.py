@@ -1,12 +1,17 @@
 """The front end ⇄ engine core link over real ZeroMQ sockets on loopback: a burst of outputs
 arrives whole and in order (nothing dropped at a high-water mark); bytes that are no message are
 ignored; the front end's journal re-admits what a lost core left."""
+import queue
 import threading
 import time
 
 import zmq
 
+from remp_megatron.topology import Topology
 from server import link
+from server.config import ServerConfig
+from server.engine_client import EngineClient
+from test_spec_topology import spec
 
 
 def test_a_burst_of_token_outputs_arrives_whole_and_in_order():
@@ -55,23 +60,14 @@ def test_the_front_end_readmits_what_a_lost_core_left_with_its_streamed_tokens()
     """The journal over a real link, a test process playing two engine cores in turn: after a
     restart, unfinished requests come back with prompt + streamed tokens and their seed; one
     cancelled before the loss (never confirmed) ends CANCELLED instead of running again."""
-    import queue as queue_mod
-
     from remp_megatron.request import Request, SamplingParams
-    from server.config import ServerConfig
-    from server.engine_client import EngineClient
-    from test_spec_topology import spec
 
-    cfg = ServerConfig(model="/nonexistent", tp=1, pp=1)
-    client = EngineClient(cfg, spec(), 1)
+    client = EngineClient(ServerConfig(model="/nonexistent", tp=1, pp=1), spec(), 1)
     client.set_eos([2])
     outputs = {"keep": [], "drop": []}
 
     def core(name):
-        inbox = queue_mod.Queue()
-        c = link.connect(client.address, inbox.put, name)
-        c.send(link.Join(client.secret, 1, [link.RankInfo(0, "h", 1)]))
-        assert isinstance(inbox.get(timeout=30), link.Start)
+        c, inbox, _ = join_as_core(client, name, 1)
         c.send(link.Ready(1, 1, 1, "float32", 64, 0.1))
         return c, inbox
 
@@ -98,6 +94,34 @@ def test_the_front_end_readmits_what_a_lost_core_left_with_its_streamed_tokens()
     assert outputs["drop"][-1].finish_reason.value == "cancelled" and not outputs["keep"][-1].finished
     second.close()
     client.link.close()
+
+
+def test_a_shrunk_world_starts_where_the_cost_profile_says_and_each_core_gets_the_profile():
+    """The profile file is read on the front end's host (a core on another node may not have it)."""
+    from remp_megatron.policy import CostProfile, TopologyCost
+
+    profile = CostProfile((TopologyCost(Topology(1, 2), tpot_s=0.01, tokens_per_s=10.0),
+                           TopologyCost(Topology(2, 1), tpot_s=0.05, tokens_per_s=50.0)))
+    client = EngineClient(ServerConfig(model="/nonexistent", tp=2, pp=2), spec(), 4, profile=profile)
+    client.set_eos([2])
+    first, _, start = join_as_core(client, "core-1", 4)
+    assert (start.tp, start.pp) == (2, 2) and CostProfile.from_json(start.profile) == profile
+    first.close()
+    second, _, start = join_as_core(client, "core-2", 2)  # TP2·PP2 no longer fits
+    # nothing pending: the profile's latency-best among what fits (the largest would be TP2·PP1)
+    assert (start.tp, start.pp) == (1, 2) and CostProfile.from_json(start.profile) == profile
+    second.close()
+    client.link.close()
+
+
+def join_as_core(client, name: str, world: int):
+    """Connect to ``client``'s link as an engine core of ``world`` ranks: (link, inbox, its Start)."""
+    inbox = queue.Queue()
+    c = link.connect(client.address, inbox.put, name)
+    c.send(link.Join(client.secret, world, [link.RankInfo(r, "h", 1 + r) for r in range(world)]))
+    start = inbox.get(timeout=30)
+    assert isinstance(start, link.Start) and not start.refused, start
+    return c, inbox, start
 
 
 def wait(cond, timeout: float = 30.0) -> None:

@@ -66,3 +66,23 @@ def test_min_dwell_blocks_a_quick_second_switch():
 def test_config_rejects_an_inverted_band():
     with pytest.raises(ValueError, match="low_load"):
         PolicyConfig(low_load=5, high_load=2)
+
+
+def test_a_shrunk_world_serves_where_the_profile_says_among_what_fits():
+    fits = [T1x1, T3x1]  # the throughput-best T1x3 no longer fits
+    assert PROFILE.best_among(fits, load=10, cfg=CFG) == T1x1  # 40 tok/s beats T3x1's 30
+    assert PROFILE.best_among([T3x1, Topology(2, 1)], load=10, cfg=CFG) == T3x1
+    assert PROFILE.best_among([T3x1, T1x3], load=0, cfg=CFG) == T1x3  # below high_load: latency
+    assert PROFILE.best_among([Topology(2, 1)], load=0, cfg=CFG) is None  # nothing profiled fits
+
+
+@pytest.mark.parametrize("text,why", [("{not json", "JSONDecodeError"), ("[]", "lists no topology"),
+                                      ('[{"topology": "3y1", "tpot_s": 1, "tokens_per_s": 1}]', "cannot parse"),
+                                      ('[{"topology": "1x1", "tpot_s": 1}]', "tokens_per_s"), ("7", "TypeError")])
+def test_a_bad_profile_file_is_refused_naming_it(tmp_path, text, why):
+    (tmp_path / "p.json").write_text(text)
+    with pytest.raises(ValueError, match=why) as e:
+        CostProfile.load(tmp_path / "p.json")
+    assert str(tmp_path / "p.json") in str(e.value)
+    with pytest.raises(ValueError, match="cannot read"):
+        CostProfile.load(tmp_path / "missing.json")

@@ -198,6 +198,12 @@ def test_a_reformed_world_keeps_the_wanted_topology_or_takes_the_largest_that_fi
     assert topology_for_world(s, Topology(2, 2), 2) == Topology(2, 1)  # shrunk: most ranks, then most TP
     assert topology_for_world(s, Topology(1, 4), 3) == Topology(1, 1)  # only sizes dividing 3 fit
     assert topology_for_world(spec(num_key_value_heads=1, num_attention_heads=1), Topology(1, 4), 2) == Topology(1, 2)
+    # a chooser (the policy's cost profile) picks among what fits; the largest when it has no answer
+    seen = []
+    assert topology_for_world(s, Topology(2, 2), 2, lambda fits: seen.extend(fits) or Topology(1, 2)) == Topology(1, 2)
+    assert set(seen) == {Topology(1, 1), Topology(2, 1), Topology(1, 2)}
+    assert topology_for_world(s, Topology(2, 2), 2, lambda fits: None) == Topology(2, 1)
+    assert topology_for_world(s, Topology(2, 2), 4, lambda fits: Topology(1, 1)) == Topology(2, 2)  # fits: kept
 
 
 def test_rank_map_and_standby():
