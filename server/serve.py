@@ -47,10 +47,10 @@ def start_ranks(nproc: int, max_restarts: int, torchrun_flags: list[str], link_a
     it) connecting to the front end at ``link_address`` with ``secret``. It dies with its parent."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            f"--max-restarts={max_restarts}", *torchrun_flags, "-m", "server.main"]
-    # With c10d rendezvous torchrun shares one store per agent across rounds and caches its address:
-    # after the node hosting it is gone, the survivors' ranks are sent to the dead store while the new
-    # rendezvous rank 0 hosts another (torch 2.13). Unshared, every round publishes a fresh store
-    # address and global rank 0 hosts it.
+    # With c10d rendezvous torch 2.13 shares one store, created by the first round's rank 0, and every
+    # agent caches its address: a node joining a later round waits for an address nobody publishes,
+    # and when the node holding the store is gone the survivors are sent to it. Unshared, every round
+    # publishes a fresh store address (global rank 0 hosts it).
     env = {**os.environ, link.LINK_ADDRESS_ENV: link_address, link.LINK_SECRET_ENV: secret,
            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)

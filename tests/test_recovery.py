@@ -25,12 +25,12 @@ def prompts():
             for _ in range(N_STREAMS)]
 
 
-def hf_greedy(llama_hf) -> list[list[int]]:
-    """HF's greedy continuation of each of ``prompts()``."""
+def hf_greedy(llama_hf, max_new: int = MAX_NEW) -> list[list[int]]:
+    """HF's greedy continuation of each of ``prompts()``, ``max_new`` tokens."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(llama_hf), dtype=torch.float32).eval()
-    return [hf.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, do_sample=False)[0, len(p):].tolist()
+    return [hf.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False)[0, len(p):].tolist()
             for p in prompts()]
 
 
@@ -63,19 +63,20 @@ def wait_until(cond, timeout=120.0):
 
 
 class Streams:
-    """N_STREAMS greedy streams in threads: their tokens, and how each ended (reason or error)."""
+    """N_STREAMS greedy streams of ``max_new`` tokens in threads: their tokens, and how each ended
+    (reason or error)."""
 
-    def __init__(self, client):
+    def __init__(self, client, max_new: int = MAX_NEW):
         self.tokens = [[] for _ in range(N_STREAMS)]
         self.ends: list = [None] * N_STREAMS
-        self.threads = [threading.Thread(target=self._run, args=(client, i, p), daemon=True)
+        self.threads = [threading.Thread(target=self._run, args=(client, i, p, max_new), daemon=True)
                         for i, p in enumerate(prompts())]
         for t in self.threads:
             t.start()
 
-    def _run(self, client, i, prompt):
+    def _run(self, client, i, prompt, max_new):
         try:
-            for chunk in client.stream(prompt, max_new_tokens=MAX_NEW):
+            for chunk in client.stream(prompt, max_new_tokens=max_new):
                 self.tokens[i] += chunk.token_ids
                 if chunk.finished:
                     self.ends[i] = chunk.finish_reason
