@@ -235,6 +235,9 @@ class EngineClient:
         if self.serving:  # the old core went away just now, unnoticed by the watchdog
             self._down_since = time.monotonic()
         t, config = topology_for_world(self.spec, self.wanted, msg.world, self._profiled), self.cfg.model_dump_json()
+        if self._stopping:  # torchrun re-formed the world while the server shuts down: its ranks just exit
+            self.link.send(link.Start(config, 0, 0, 0, self.eos_token_ids, refused="the server is shutting down"), peer)
+            return
         if self._peer is not None:
             self.restarts += 1
             metrics.RESTARTS.inc()

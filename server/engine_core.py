@@ -80,6 +80,9 @@ class EngineCore:
         if isinstance(msg, link.Start):
             self._start = msg
             self._started.set()
+        elif isinstance(msg, link.Shutdown):  # also while loading: serve() then stops at once
+            log.info("shutdown asked by the front end")
+            self._stop.set()
         elif self.engine is None:
             log.warning("ignored %s: not serving yet", type(msg).__name__)
         elif isinstance(msg, link.Add):
@@ -100,9 +103,6 @@ class EngineCore:
             else:
                 self.policy.enabled = msg.enabled
                 self.link.send(link.Reply(msg.call_id, self.policy.state().SerializeToString()))
-        elif isinstance(msg, link.Shutdown):
-            log.info("shutdown asked by the front end")
-            self._stop.set()
 
     def _reconfigure(self, msg: link.Reconfigure) -> None:
         fault = Fault(msg.fault_phase, msg.fault_rank) if msg.fault_phase else None

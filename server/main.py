@@ -40,7 +40,7 @@ def agree_on_start(rt, ask: Optional[Callable[[int, list[link.RankInfo]], link.S
     if rt.rank == 0:
         start = ask(rt.world_size, [link.RankInfo(*r) for r in ranks])
         if start.refused:
-            log.error("the front end refused this world: %s", start.refused)
+            log.warning("the front end refused this world: %s", start.refused)
             start = None
     return broadcast(start, rt.control_group)
 

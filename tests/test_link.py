@@ -114,13 +114,25 @@ def test_a_shrunk_world_starts_where_the_cost_profile_says_and_each_core_gets_th
     client.link.close()
 
 
-def join_as_core(client, name: str, world: int):
+def test_a_world_reformed_while_the_server_shuts_down_is_told_to_exit():
+    """SIGTERM while torchrun re-forms the world: the new core's ranks exit at once (exit code 0,
+    torchrun then too) instead of loading and being killed after a timeout; nothing has failed."""
+    client = EngineClient(ServerConfig(model="/nonexistent", tp=1, pp=1), spec(), 1)
+    client.set_eos([2])
+    client.shutdown_engine()  # no core is connected: the old one is gone
+    core, _, start = join_as_core(client, "core-late", 1, refused=True)
+    assert start.refused == "the server is shutting down" and client.failure is None
+    core.close()
+    client.link.close()
+
+
+def join_as_core(client, name: str, world: int, refused: bool = False):
     """Connect to ``client``'s link as an engine core of ``world`` ranks: (link, inbox, its Start)."""
     inbox = queue.Queue()
     c = link.connect(client.address, inbox.put, name)
     c.send(link.Join(client.secret, world, [link.RankInfo(r, "h", 1 + r) for r in range(world)]))
     start = inbox.get(timeout=30)
-    assert isinstance(start, link.Start) and not start.refused, start
+    assert isinstance(start, link.Start) and bool(start.refused) == refused, start
     return c, inbox, start
 
 
