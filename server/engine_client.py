@@ -94,7 +94,10 @@ class EngineClient:
                 raise EngineUnavailable(self.failure)
             if req.request_id in self._entries:
                 raise ValueError(f"request id {req.request_id!r} is already in use")
-            if len(self._entries) - self.load_now.running >= self.cfg.engine.max_queue:
+            # Waiting: what is not running (the last heartbeat's count) nor cancelled (leaving, its
+            # slot is free for the client even before the core confirms).
+            live = sum(not e.cancelled for e in self._entries.values())
+            if live - self.load_now.running >= self.cfg.engine.max_queue:
                 raise QueueFull(f"admission queue full ({self.cfg.engine.max_queue} waiting)")
             entry = self._entries[req.request_id] = _Entry(req, sink)
             if self.serving:

@@ -5,6 +5,7 @@ import queue
 import threading
 import time
 
+import pytest
 import zmq
 
 from remp_megatron.topology import Topology
@@ -122,6 +123,29 @@ def test_a_world_reformed_while_the_server_shuts_down_is_told_to_exit():
     client.shutdown_engine()  # no core is connected: the old one is gone
     core, _, start = join_as_core(client, "core-late", 1, refused=True)
     assert start.refused == "the server is shutting down" and client.failure is None
+    core.close()
+    client.link.close()
+
+
+def test_a_cancelled_request_frees_its_queue_slot_before_the_core_confirms():
+    from remp_megatron.config import EngineConfig
+    from remp_megatron.request import Request, SamplingParams
+    from remp_megatron.scheduler import QueueFull
+
+    client = EngineClient(ServerConfig(model="/nonexistent", tp=1, pp=1, engine=EngineConfig(max_queue=1)), spec(), 1)
+    client.set_eos([2])
+    core, inbox, _ = join_as_core(client, "core", 1)
+    core.send(link.Ready(1, 1, 1, "float32", 64, 0.1))
+    wait(lambda: client.serving)
+
+    def add(rid):
+        client.add_request(Request(request_id=rid, prompt_token_ids=[5, 6], params=SamplingParams()), lambda out: None)
+
+    add("a")
+    with pytest.raises(QueueFull):
+        add("b")
+    assert client.cancel("a")  # the core (this test) never confirms
+    add("b")
     core.close()
     client.link.close()
 
