@@ -256,9 +256,11 @@ class EngineClient:
             self.fail(why)
             return
         if t != self.wanted:
+            why = "the largest that does"
+            if self.profile is not None:
+                why = f"the cost profile's pick for {len(self._entries)} pending request(s) (else {why})"
             log.warning("%s does not fit the %d rank(s) that joined: serving at %s, %s, until the world grows back",
-                        self.wanted, msg.world, t, "the cost profile's choice for %d pending request(s)"
-                        % len(self._entries) if self.profile is not None else "the largest that does")
+                        self.wanted, msg.world, t, why)
         profile = self.profile.to_json() if self.profile is not None else ""
         self.link.send(link.Start(config, t.tp, t.pp, t.ep, self.eos_token_ids, profile), peer)
 
