@@ -187,7 +187,8 @@ def test_client_that_goes_away_cancels_and_frees_kv_blocks(server, oai):
     stream = oai.completions.create(model=MODEL, prompt="Tell me a story", max_tokens=1000, stream=True,
                                     extra_body={"ignore_eos": True})
     next(iter(stream))
-    assert admin_status(server)["running_requests"] == 1 and admin_status(server)["kv_blocks_used"] > 0
+    # Load in the status is the engine core's last heartbeat (every 0.2 s).
+    wait_for(lambda: (st := admin_status(server))["running_requests"] == 1 and st["kv_blocks_used"] > 0, timeout=10)
     stream.close()
     wait_for(idle, timeout=5)
     # Not streamed: the client times out and closes the connection while the server generates.
