@@ -131,6 +131,9 @@ def build_stage_model(spec: ModelSpec, topo: Topology, pp_stage: int, device: to
         position_embedding_type="rope",
         rotary_base=spec.rope_theta,
     )
+    for norm in model.modules():  # megatron builds torch norms in fp32 whatever params_dtype says
+        if isinstance(norm, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
+            norm.to(spec.torch_dtype)
     return model.to(device).eval().requires_grad_(False)  # inference only: in-place reloads allowed
 
 

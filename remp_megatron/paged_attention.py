@@ -24,14 +24,16 @@ from .kv_cache import KVCache
 
 @dataclass
 class AttentionGroup:
-    """Sequences attended in one batched SDPA call: queries and cached keys padded to the
-    group's longest ([B, Qmax] / [B, Lmax]), a causal mask that also hides the padding."""
+    """Sequences attended in one batched SDPA call: queries padded to the group's longest
+    chunk ([B, Qmax]), keys gathered a whole cache block at a time ([B, W * block_size], W the
+    longest block table: one index per block, not per slot), an additive mask (0 / -inf) that
+    is causal and hides the padding."""
 
     q_index: torch.Tensor  # [B * Qmax] packed row of each query (row 0 where padding)
     valid: torch.Tensor  # [real queries] their index in q_index, in packed-row order
     rows: torch.Tensor  # [real queries] their packed rows
-    kv_slots: torch.Tensor  # [B * Lmax] cache slot of each key (the sequence's first slot where padding)
-    mask: torch.Tensor  # [B, 1, Qmax, Lmax] True where a query may attend
+    kv_blocks: torch.Tensor  # [B * W] cache block of each key block (the sequence's first where padding)
+    mask: torch.Tensor  # [B, 1, Qmax, W * block_size] 0 where a query may attend, -inf elsewhere
     window_mask: Optional[torch.Tensor] = None  # the mask of sliding-window layers
 
 
@@ -44,64 +46,92 @@ class AttentionMetadata:
     positions: torch.Tensor  # [T] position of each new token
     slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
     groups: list[AttentionGroup]
+    block_size: int
     window_layers: frozenset[int] = frozenset()  # global 0-based layers that use window_mask
 
     @classmethod
     def build(cls, starts: list[int], query_lens: list[int], block_tables: list[list[int]], block_size: int,
-              device, window: Optional[int] = None, window_layers: tuple[int, ...] = ()) -> "AttentionMetadata":
+              device, window: Optional[int] = None, window_layers: tuple[int, ...] = (),
+              dtype: torch.dtype = torch.float32) -> "AttentionMetadata":
         """``window``: in ``window_layers`` a query at position p sees keys in (p - window, p]
-        (HF's sliding window). All keys stay cached; the mask hides the old ones."""
+        (HF's sliding window). All keys stay cached; the mask hides the old ones. ``dtype``:
+        the masks' (attention's compute dtype)."""
         start, n = torch.tensor(starts), torch.tensor(query_lens)
         offset = torch.cumsum(n, 0) - n
         width = max(map(len, block_tables))
         table = torch.tensor([t + [t[0]] * (width - len(t)) for t in block_tables], dtype=torch.long)
 
-        def slots(rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # cache slot of each position
-            return table[rows[:, None], pos // block_size] * block_size + pos % block_size
-
         everyone = torch.arange(len(starts))
         qpos = start[:, None] + torch.arange(int(n.max()))[None, :]
         valid = torch.arange(int(n.max()))[None, :] < n[:, None]
-        positions, slot_mapping = qpos[valid], slots(everyone, torch.where(valid, qpos, 0))[valid]
+        positions = qpos[valid]
+        pos = torch.where(valid, qpos, 0)
+        slot_mapping = (table[everyone[:, None], pos // block_size] * block_size + pos % block_size)[valid]
         groups = []
         for rows in (everyone[n == 1], everyone[n > 1]):
             if len(rows) == 0:
                 continue
-            qmax, lmax = int(n[rows].max()), int((start + n)[rows].max())
+            qmax = int(n[rows].max())
+            blocks = -(-int((start + n)[rows].max()) // block_size)
             q = torch.arange(qmax)[None, :]
             q_valid = q < n[rows, None]
-            k = torch.arange(lmax)[None, :].expand(len(rows), lmax)
-            k_valid = k < (start + n)[rows, None]
-            kv_slots = torch.where(k_valid, slots(rows, torch.where(k_valid, k, 0)), slots(rows, k[:, :1]))
-            # Causal: key position <= query position. Padded query rows (past the sequence end)
-            # then see only real keys, so no row is fully masked (no NaN), and they are dropped.
+            k = torch.arange(blocks * block_size)[None, None, :]
+            # Causal: key position <= query position (keys past a sequence's end are padding).
+            # Padded query rows (past the chunk's end) then see only real keys, so no row is
+            # fully masked (no NaN), and they are dropped.
             qpos_rows = (start[rows, None] + q)[:, :, None]
-            mask = k[:, None, :] <= qpos_rows
+            allowed = k <= qpos_rows
             # Padded query rows keep the plain causal mask: a window could leave them no key.
-            window_mask = None if window is None else \
-                mask & ((k[:, None, :] > qpos_rows - window) | ~q_valid[:, :, None])
+            in_window = None if window is None else allowed & ((k > qpos_rows - window) | ~q_valid[:, :, None])
             q_index = torch.where(q_valid, offset[rows, None] + q, 0).flatten()
-            valid = q_valid.flatten().nonzero()[:, 0]
-            groups.append(AttentionGroup(q_index.to(device), valid.to(device), q_index[valid].to(device),
-                                         kv_slots.flatten().to(device), mask[:, None].to(device),
-                                         None if window_mask is None else window_mask[:, None].to(device)))
-        return cls(positions.to(device), slot_mapping.to(device), groups,
+            valid_q = q_valid.flatten().nonzero()[:, 0]
+            groups.append(AttentionGroup(
+                q_index.to(device), valid_q.to(device), q_index[valid_q].to(device),
+                table[rows, :blocks].flatten().to(device), _additive(allowed, dtype, device),
+                None if in_window is None else _additive(in_window, dtype, device)))
+        return cls(positions.to(device), slot_mapping.to(device), groups, block_size,
                    frozenset(window_layers) if window is not None else frozenset())
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+    # Built once per step: SDPA would turn a boolean mask into this in every layer.
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+    return mask[:, None].to(device)
+
+
+@dataclass
+class Rotary:
+    """RoPE of one step's tokens, cos and sin computed once for every layer ([T, 1, 1, dim], the
+    model's dtype): megatron's unfused rotary (``t * cos + rotate_half(t) * sin``, same bits),
+    which would take cos and sin of the angles again in every layer, for queries and keys."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @classmethod
+    def of(cls, angles: torch.Tensor, mscale: float, dtype: torch.dtype) -> "Rotary":
+        return cls((torch.cos(angles) * mscale).to(dtype), (torch.sin(angles) * mscale).to(dtype))
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        x1, x2 = torch.chunk(t, 2, dim=-1)
+        return t * self.cos + torch.cat((-x2, x1), dim=-1) * self.sin
 
 
 @dataclass
 class _Context:
     meta: AttentionMetadata
     kv: KVCache
+    rotary: Optional[Rotary]
 
 
 _current: Optional[_Context] = None
 
 
 @contextlib.contextmanager
-def forward_context(meta: AttentionMetadata, kv: KVCache) -> Iterator[None]:
+def forward_context(meta: AttentionMetadata, kv: KVCache, rotary: Optional[Rotary] = None) -> Iterator[None]:
+    """``rotary``: applied to queries and keys here (the model then gets no rotary_pos_emb)."""
     global _current
-    _current, saved = _Context(meta, kv), _current
+    _current, saved = _Context(meta, kv, rotary), _current
     try:
         yield
     finally:
@@ -122,26 +152,28 @@ class PagedAttention(torch.nn.Module):
         ctx = _current
         assert ctx is not None, "PagedAttention called outside forward_context()"
         meta = ctx.meta
+        if ctx.rotary is not None:
+            query, key = ctx.rotary(query), ctx.rotary(key)
         k_cache, v_cache = ctx.kv.layer(self.layer_number - 1)
         k_cache.index_copy_(0, meta.slot_mapping, key[:, 0])
         v_cache.index_copy_(0, meta.slot_mapping, value[:, 0])
+        k_blocks, v_blocks = (c.unflatten(0, (-1, meta.block_size)) for c in (k_cache, v_cache))
 
         q_packed = query[:, 0]
         out = torch.empty_like(q_packed)
         windowed = self.layer_number - 1 in meta.window_layers
-        # CPU SDPA in bf16/fp16 runs ~3x slower than in fp32 (no half kernel): attend in fp32 there.
-        dtype = torch.float32 if q_packed.device.type == "cpu" and q_packed.element_size() < 4 else q_packed.dtype
         for g in meta.groups:  # one SDPA per group for all its sequences
             mask = g.window_mask if windowed else g.mask
             b, qmax, lmax = mask.shape[0], mask.shape[2], mask.shape[3]
 
             def gather(x: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:  # -> [B, heads, n, dim]
-                # index_select on the flat slot axis: ~10x faster than advanced indexing on CPU.
-                return x.index_select(0, index).to(dtype).view(b, n, *x.shape[1:]).transpose(1, 2)
+                # index_select along dim 0 (rows or whole blocks): CPU advanced indexing is ~10x slower.
+                # CPU SDPA in bf16/fp16 runs ~3x slower than in fp32 (no half kernel): the mask's dtype.
+                return x.index_select(0, index).to(mask.dtype).view(b, n, *x.shape[-2:]).transpose(1, 2)
 
             o = F.scaled_dot_product_attention(
-                gather(q_packed, g.q_index, qmax), gather(k_cache, g.kv_slots, lmax),
-                gather(v_cache, g.kv_slots, lmax), attn_mask=mask, scale=self.softmax_scale, enable_gqa=True)
+                gather(q_packed, g.q_index, qmax), gather(k_blocks, g.kv_blocks, lmax),
+                gather(v_blocks, g.kv_blocks, lmax), attn_mask=mask, scale=self.softmax_scale, enable_gqa=True)
             o = o.transpose(1, 2).reshape(b * qmax, *q_packed.shape[1:])
             out.index_copy_(0, g.rows, o.index_select(0, g.valid).to(out.dtype))
         return out.reshape(out.shape[0], 1, -1)

@@ -64,7 +64,7 @@ def test_batched_equals_per_sequence(starts, lens, window):
     v = torch.randn(t, 1, KV_HEADS, DIM, generator=g, dtype=torch.float64)
 
     # With a window, layer 0 slides and layer 1 (same cache contents) attends to everything.
-    meta = AttentionMetadata.build(starts, lens, tables, BLOCK, torch.device("cpu"), window, (0,))
+    meta = AttentionMetadata.build(starts, lens, tables, BLOCK, torch.device("cpu"), window, (0,), torch.float64)
     assert meta.positions.tolist() == [p for s, n in zip(starts, lens) for p in range(s, s + n)]
     kv1 = KVCache(kv.buffer.expand(2, 2, *kv.buffer.shape[2:]).clone(), first_layer=0)
     with forward_context(meta, kv1):
