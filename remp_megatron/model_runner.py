@@ -17,6 +17,7 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
 )
 
 from .kv_cache import KVCache
+from .linear import pack_weights
 from .model import shared_output_weight
 from .paged_attention import AttentionMetadata, Rotary, forward_context
 from .rope import angle_table
@@ -39,6 +40,7 @@ class ModelRunner:
         self.is_last = self.pp_stage == topo.pp - 1
         self.prev_rank = None if self.is_first else topo.rank_of(self.pp_stage - 1, self.tp_rank)
         self.next_rank = None if self.is_last else topo.rank_of(self.pp_stage + 1, self.tp_rank)
+        pack_weights(model)
         self.rope = angle_table(spec.rope, spec.head_dim, spec.rope_theta, spec.max_position_embeddings).to(device)
         self.rope_mscale = _yarn_get_concentration_factor_from_config(model.config)
         # CPU SDPA in bf16/fp16 runs ~3x slower than in fp32 (no half kernel): attend in fp32 there.
