@@ -6,10 +6,10 @@ machine, one run, with the machine's physical limits measured alongside.
 
 For each dtype and topology it starts `remp serve` and sends ``c`` streams at once over gRPC
 (token-id prompts of mixed lengths, EOS ignored, --new-tokens each), for each concurrency ``c``;
-then HF ``generate`` runs the same ``c`` prompts as one left-padded batch in this process with
-the same thread count. Every cell: one warm-up, then --runs runs; tokens/s is the median run,
-TTFT/TPOT percentiles are over every request of those runs (HF: one value per run, the whole
-batch shares it).
+HF ``generate`` runs the same ``c`` prompts as one left-padded batch in this process with the
+same thread count, its runs alternating with ours (the server idles meanwhile). Every cell: one
+warm-up, then --runs runs; tokens/s is the median run, TTFT/TPOT percentiles are over every
+request of those runs (HF: one value per run, the whole batch shares it).
 
 The limit beside each row is what this machine allows a decode step of ``c`` sequences: every
 weight read once per step (memory bandwidth, measured here) and 2 FLOP per parameter per token
@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -60,11 +60,10 @@ def prompts(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[list[in
     return [rng.integers(0, vocab, int(length)).tolist() for length in rng.integers(lo, hi + 1, n)]
 
 
-def cell(impl: str, dtype: str, c: int, walls: list[float], ttfts: list[float], tpots: list[float],
-         new_tokens: int) -> Cell:
+def cell(impl: str, dtype: str, c: int, got: "Samples", new_tokens: int) -> Cell:
     pct = lambda xs, q: float(np.percentile(xs, q))  # noqa: E731
-    return Cell(impl, dtype, c, c * new_tokens / statistics.median(walls), pct(ttfts, 50), pct(ttfts, 99),
-                pct(tpots, 50), pct(tpots, 99))
+    return Cell(impl, dtype, c, c * new_tokens / statistics.median(got.walls), pct(got.ttfts, 50),
+                pct(got.ttfts, 99), pct(got.tpots, 50), pct(got.tpots, 99))
 
 
 def burst(addr: str, batch: list[list[int]], new_tokens: int) -> tuple[float, list[float], list[float]]:
@@ -92,28 +91,18 @@ def burst(addr: str, batch: list[list[int]], new_tokens: int) -> tuple[float, li
         return time.monotonic() - t0, ttft, tpot
 
 
-def serve_runs(args, topo: Topology, dtype: str, work: list[list[int]], tmp: Path) -> list[Cell]:
-    c_max = max(args.concurrency)
-    # KV for the largest burst at full length (HF's cache holds it too), so no run measures preemption.
-    kv_tokens = c_max * (args.max_prompt + args.new_tokens + 16)
-    kv_mb = kv_tokens * kv_bytes_per_token(args.model, topo, dtype) / 2**20 * 1.05
-    threads = max(1, args.threads // args.world)
-    extra = ["--dtype", dtype, "--max-num-seqs", str(c_max), "--kv-budget-mb", f"{kv_mb:.1f}",
-             "--ep", str(topo.ep)]
-    cells = []
-    with ServerProcess(args.model, args.world, topo.tp, topo.pp, *extra, workdir=tmp, name=f"{topo.short}-{dtype}",
-                       env={"OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}) as server:
-        for c in args.concurrency:
-            burst(server.addr, work[:c], min(8, args.new_tokens))  # warm-up
-            walls, ttfts, tpots = [], [], []
-            for _ in range(args.runs):
-                wall, ttft, tpot = burst(server.addr, work[:c], args.new_tokens)
-                walls.append(wall)
-                ttfts += ttft
-                tpots += tpot
-            cells.append(cell(f"ReMP {topo}", dtype, c, walls, ttfts, tpots, args.new_tokens))
-            print(f"  {cells[-1]}", file=sys.stderr, flush=True)
-    return cells
+@dataclass
+class Samples:
+    """Every run of one cell: wall s per run, TTFT and TPOT per request."""
+
+    walls: list[float] = field(default_factory=list)
+    ttfts: list[float] = field(default_factory=list)
+    tpots: list[float] = field(default_factory=list)
+
+    def add(self, wall: float, ttft: list[float], tpot: list[float]) -> None:
+        self.walls.append(wall)
+        self.ttfts += ttft
+        self.tpots += tpot
 
 
 def kv_bytes_per_token(model: str, topo: Topology, dtype: str) -> float:
@@ -124,39 +113,71 @@ def kv_bytes_per_token(model: str, topo: Topology, dtype: str) -> float:
     return block_bytes(spec, topo, block_size=1)
 
 
-def hf_runs(args, hf_dir: Path, dtype: str, work: list[list[int]]) -> tuple[list[Cell], int]:
-    """HF generate on left-padded batches; also returns the model's parameter count."""
-    from transformers import AutoModelForCausalLM
+def start_server(args, topo: Topology, dtype: str, tmp: Path) -> ServerProcess:
+    c_max = max(args.concurrency)
+    # KV for the largest burst at full length (HF's cache holds it too), so no run measures preemption.
+    kv_tokens = c_max * (args.max_prompt + args.new_tokens + 16)
+    kv_mb = kv_tokens * kv_bytes_per_token(args.model, topo, dtype) / 2**20 * 1.05
+    threads = max(1, args.threads // args.world)
+    extra = ["--dtype", dtype, "--max-num-seqs", str(c_max), "--kv-budget-mb", f"{kv_mb:.1f}",
+             "--ep", str(topo.ep)]
+    return ServerProcess(args.model, args.world, topo.tp, topo.pp, *extra, workdir=tmp, name=f"{topo.short}-{dtype}",
+                         env={"OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"})
 
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=TORCH_DTYPES[dtype]).eval()
-    pad = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
-    cells = []
-    for c in args.concurrency:
-        batch = work[:c]
+
+class HFGenerate:
+    """HF ``generate`` on left-padded batches, greedy, exactly ``n`` new tokens."""
+
+    def __init__(self, hf_dir: Path, dtype: str):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=TORCH_DTYPES[dtype]).eval()
+        eos = self.model.config.eos_token_id
+        self.pad = eos if isinstance(eos, int) else 0
+
+    @torch.inference_mode()
+    def generate(self, batch: list[list[int]], n: int) -> None:
         width = max(map(len, batch))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in batch])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        self.model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                            pad_token_id=self.pad)
 
-        def generate(n: int):
-            return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  pad_token_id=pad)
+    def run(self, batch: list[list[int]], new_tokens: int) -> tuple[float, list[float], list[float]]:
+        """(wall s, [TTFT], [TPOT]): the whole batch shares one TTFT (a 1-token generate) and TPOT."""
+        t0 = time.monotonic()
+        self.generate(batch, 1)
+        ttft = time.monotonic() - t0
+        t0 = time.monotonic()
+        self.generate(batch, new_tokens)
+        wall = time.monotonic() - t0
+        return wall, [ttft], [(wall - ttft) / (new_tokens - 1)]
 
-        walls, ttfts, tpots = [], [], []
-        with torch.inference_mode():
-            generate(min(8, args.new_tokens))  # warm-up
-            for _ in range(args.runs):
-                t0 = time.monotonic()
-                generate(1)
-                ttft = time.monotonic() - t0
-                t0 = time.monotonic()
-                generate(args.new_tokens)
-                wall = time.monotonic() - t0
-                walls.append(wall)
-                ttfts.append(ttft)
-                tpots.append((wall - ttft) / (args.new_tokens - 1))
-        cells.append(cell("HF transformers", dtype, c, walls, ttfts, tpots, args.new_tokens))
-        print(f"  {cells[-1]}", file=sys.stderr, flush=True)
-    return cells, sum(p.numel() for p in model.parameters())
+
+def measure(args, dtype: str, work: list[list[int]], tmp: Path) -> list[Cell]:
+    """Every topology's server; for the first one HF's runs alternate with ours, run by run, so a
+    machine that slows down for a while (a shared VM does) weighs on both sides alike."""
+    hf = None if args.no_hf else HFGenerate(tmp / "hf", dtype)
+    cells = []
+    for i, topo in enumerate(map(Topology.parse, args.topologies)):
+        print(f"ReMP {topo} {dtype} through gRPC{'' if hf is None or i else ', HF generate alternating'} ...",
+              file=sys.stderr, flush=True)
+        with start_server(args, topo, dtype, tmp) as server:
+            for c in args.concurrency:
+                batch = work[:c]
+                sides = {f"ReMP {topo}": lambda b, n: burst(server.addr, b, n)}
+                if hf is not None and i == 0:
+                    sides["HF transformers"] = hf.run
+                for run in sides.values():  # warm-up
+                    run(batch, min(8, args.new_tokens))
+                samples = {impl: Samples() for impl in sides}
+                for _ in range(args.runs):
+                    for impl, run in sides.items():
+                        samples[impl].add(*run(batch, args.new_tokens))
+                for impl, got in samples.items():
+                    cells.append(cell(impl, dtype, c, got, args.new_tokens))
+                    print(f"  {cells[-1]}", file=sys.stderr, flush=True)
+    return cells
 
 
 @dataclass
@@ -203,7 +224,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="CPU threads in all (split across the server's ranks)")
-    p.add_argument("--no-hf", action="store_true", help="skip HF generate (the limits still need its model)")
+    p.add_argument("--no-hf", action="store_true", help="skip HF generate")
     p.add_argument("--json-out", type=Path, help="write every cell and the limits here")
     p.add_argument("--profile-out", help="write the adaptive policy's cost profile (JSON) here (first dtype)")
     args = p.parse_args()
@@ -214,22 +235,15 @@ def main() -> None:
     work = prompts(max(args.concurrency), args.min_prompt, args.max_prompt, spec.vocab_size)
     cells: list[Cell] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for dtype in args.dtypes:
-            for t in map(Topology.parse, args.topologies):
-                print(f"ReMP {t} {dtype} through gRPC ...", file=sys.stderr, flush=True)
-                cells += serve_runs(args, t, dtype, work, Path(tmp))
         subprocess.run([sys.executable, "-m", "checkpoint_tools.convert", "export", args.model, f"{tmp}/hf"],
                        check=True, stdout=subprocess.DEVNULL)
-        params = 0
         for dtype in args.dtypes:
-            if args.no_hf:
-                from transformers import AutoModelForCausalLM
+            cells += measure(args, dtype, work, Path(tmp))
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-                params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(f"{tmp}/hf").parameters())
-                continue
-            print(f"HF generate {dtype} ...", file=sys.stderr, flush=True)
-            hf, params = hf_runs(args, Path(tmp) / "hf", dtype, work)
-            cells += hf
+        with torch.device("meta"):  # the parameter count only
+            params = sum(p.numel() for p in AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(f"{tmp}/hf")).parameters())
     # Decode reads every parameter once per step; the tied embedding is read as the output layer.
     read_params = params - (0 if spec.tie_word_embeddings else spec.vocab_size * spec.hidden_size)
     limits = {d: measure_limits(spec.hidden_size, 2 * spec.intermediate_size, TORCH_DTYPES[d], args.concurrency)
