@@ -1,13 +1,14 @@
 """Paged attention as megatron-core's ``core_attention``.
 
 Megatron's ``SelfAttention`` keeps doing what it does well (fused QKV projection, GQA split,
-RoPE from per-token frequencies, TP row/column linears); this module replaces only the
-attention kernel: it writes this step's K/V into the paged cache and attends all sequences
-over their cached tokens in one batched SDPA call per group (decodes, prefill chunks), keys
-gathered by block table. Flash-attn's block-table kernels are CUDA-only; this is plain torch.
+QK-norm, TP row/column linears); this module replaces the attention kernel: it applies RoPE to
+this step's queries and keys (cos/sin per token position, taken once per step for all layers),
+writes K/V into the paged cache and attends all sequences over their cached tokens in one
+batched SDPA call per group (decodes, prefill chunks), keys gathered by block table.
+Flash-attn's block-table kernels are CUDA-only; this is plain torch.
 
-The step's metadata reaches every layer through ``forward_context`` (set by the model runner
-around one stage forward), the way vLLM passes its attention metadata.
+The step's metadata and rotary reach every layer through ``forward_context`` (set by the model
+runner around one stage forward), the way vLLM passes its attention metadata.
 """
 from __future__ import annotations
 
