@@ -72,11 +72,12 @@ class InferenceRowParallelLinear(_Packable, RowParallelLinear):
 
 def pack_weights(model: torch.nn.Module) -> None:
     """Give each of ``model``'s TP linears its weight in oneDNN's layout, where that is faster (CPU,
-    fp32/bf16). Call once its weights are final: a serving model's weights never change in place
-    (a switch builds a new model), so the copy stays valid for the model's life."""
+    fp32/bf16); those already packed are kept. Call once its weights are final: a serving model's
+    weights never change in place (a switch builds a new model), so the copy stays valid for the
+    model's life. SmolLM2 whole: 0.12 s fp32, 0.07 s bf16 (pre-staging does it before the pause)."""
     if not torch.backends.mkldnn.is_available():
         return
     for m in model.modules():
-        if isinstance(m, _Packable) and m.weight.device.type == "cpu" and \
+        if isinstance(m, _Packable) and m.packed is None and m.weight.device.type == "cpu" and \
                 m.weight.dtype in (torch.float32, torch.bfloat16):
             m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight, _PACKED_FOR_ROWS)
