@@ -8,6 +8,7 @@ its TP rank 0 sends them to the driver (rank 0), which samples.
 """
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import torch
@@ -17,7 +18,7 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
 )
 
 from .kv_cache import KVCache
-from .linear import pack_weights
+from .linear import pack_linear, pack_weights, unpacked_linears
 from .model import shared_output_weight
 from .paged_attention import AttentionMetadata, Rotary, forward_context
 from .rope import angle_table
@@ -27,6 +28,9 @@ from .topology import Topology
 
 
 _LOGITS_TAG = 1 << 20  # tag space for last stage -> driver logits, apart from activations
+# Packing a new model's weights (linear.py) takes 0.12 s for SmolLM2 fp32: after a switch it is
+# spread over the first steps, this much per step, so neither the pause nor one step pays it all.
+_PACK_SECONDS_PER_STEP = 0.002
 
 
 class ModelRunner:
@@ -40,7 +44,7 @@ class ModelRunner:
         self.is_last = self.pp_stage == topo.pp - 1
         self.prev_rank = None if self.is_first else topo.rank_of(self.pp_stage - 1, self.tp_rank)
         self.next_rank = None if self.is_last else topo.rank_of(self.pp_stage + 1, self.tp_rank)
-        pack_weights(model)
+        self.unpacked = unpacked_linears(model)  # packed a few per step (pack_some)
         self.rope = angle_table(spec.rope, spec.head_dim, spec.rope_theta, spec.max_position_embeddings).to(device)
         self.rope_mscale = _yarn_get_concentration_factor_from_config(model.config)
         # CPU SDPA in bf16/fp16 runs ~3x slower than in fp32 (no half kernel): attend in fp32 there.
@@ -85,9 +89,16 @@ class ModelRunner:
                 pending.append(dist.isend(logits, dst=driver, tag=_LOGITS_TAG + i))
         for work in pending:
             work.wait()
+        self.pack_some()
         if not is_driver:
             return None
         return torch.cat(from_last or results).cpu()
+
+    def pack_some(self) -> None:
+        """Pack the next unpacked linears, at least one, for up to ``_PACK_SECONDS_PER_STEP``."""
+        t0 = time.perf_counter()
+        while self.unpacked and (time.perf_counter() - t0 < _PACK_SECONDS_PER_STEP):
+            pack_linear(self.unpacked.pop(0))
 
     def _stage_forward(self, mb: StepPlan, meta: AttentionMetadata, tag: int) -> torch.Tensor:
         if self.is_first:
@@ -119,4 +130,5 @@ def load_runner(
     if model is None:
         return None
     kv = KVCache.allocate(spec, topo, coords[0], num_blocks, block_size, device)
+    pack_weights(model)  # at load all at once; no pause to keep short
     return ModelRunner(spec, topo, rank, model, kv, device)

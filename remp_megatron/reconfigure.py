@@ -29,7 +29,6 @@ import torch.distributed as dist
 from . import groups, memory
 from .kv_cache import KVCache
 from .layout import Layout, Plan, Shard, Transfer, pack, plan_transfers
-from .linear import pack_weights
 from .model import build_stage_model
 from .model_runner import ModelRunner
 from .reshard import (KV_KEY, MoveStats, Regions, copy_pieces, gather_layout, kv_layout, kv_region, local_pieces,
@@ -366,8 +365,6 @@ def prestage_rounds(worker: Worker, n: int) -> bool:
         run_rounds(rounds, worker.rank, st.old_regions, st.regions, worker.device, worker.spec.torch_dtype,
                    st.weight_stats)
     staged.chunks_done += n
-    if staged.complete and st.model is not None:
-        pack_weights(st.model)  # the weights are final: here, not in the switch's pause
     return staged.complete
 
 

@@ -186,6 +186,14 @@ def test_prestaged_switch_moves_only_kv_in_the_pause(run):
         assert tl["kv_blocks_staged"] < tl["kv_blocks"] and tl["kv_moved_ahead"] > 0
 
 
+def test_new_weights_are_packed_after_the_pause_not_in_it(run):
+    # Packing (linear.py) costs ~0.1 s for a real model: a switch's pause must not include it.
+    out = run[1]
+    for s in migrate_tour(out) + tagged(out, "prestage"):
+        assert s["unpacked_after"] == s["linears"] > 0, s["tag"]
+    assert out["unpacked_at_end"] == 0  # the steps since packed them all
+
+
 @pytest.mark.parametrize("phase", PHASES)
 def test_fault_in_any_phase_rolls_back(run, phase):
     s, = [s for s in tagged(run[1], "fault") if s["timeline"]["failed_phase"] == phase]

@@ -7,7 +7,8 @@ Input (--spec JSON): {"model", "start", "engine": {...}, "requests": [{"id", "pr
 ("live-1": one block short, so the newest request's KV cannot all be kept).
 Rank 0 keeps >= min_inflight requests mid-generation at every switch and writes --out JSON:
 {"requests": {id: tokens}, "switches": [{tag, timeline, rolled_back, topology_after, inflight,
-live_blocks, max_live_block, new_num_blocks, param_bytes, kv_check}], "preemptions"}.
+live_blocks, max_live_block, new_num_blocks, param_bytes, kv_check, unpacked_after, linears}], "preemptions",
+"unpacked_at_end"} (``unpacked_*``: rank 0's linears not yet in oneDNN's layout).
 ``param_bytes`` is the sum over ranks of the parameter bytes held after the switch. Every rank writes its weight hashes at start and end to
 --out.rank{r}.{start,end}.json (for A -> ... -> A bit-identity).
 """
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from common import kv_check, start_world
 from remp_megatron.config import EngineConfig
 from remp_megatron.engine import Engine
+from remp_megatron.linear import _Packable
 from remp_megatron.worker import broadcast, load_worker, worker_loop
 from remp_megatron.reconfigure import Fault, RolledBack
 from remp_megatron.request import Request, SamplingParams
@@ -41,6 +43,10 @@ def param_bytes(worker, rt) -> int:
     total = torch.tensor([n], dtype=torch.int64)
     dist.all_reduce(total, group=rt.control_group)
     return int(total.item())
+
+
+def linears(runner) -> int:
+    return sum(isinstance(m, _Packable) for m in runner.model.modules())
 
 
 def live_block_ids(engine: Engine) -> list[int]:
@@ -98,6 +104,8 @@ def drive(engine: Engine, job: dict, rt) -> dict:
         rec["topology_after"] = str(engine.topo)
         rec["preempted_by_switch"] = engine.sched.num_preemptions - preempted_before
         rec["new_num_blocks"] = engine.state().num_blocks
+        rec["unpacked_after"] = len(engine.runner.unpacked)  # on rank 0, before the first step
+        rec["linears"] = linears(engine.runner)
         engine.stop_workers()
         broadcast("param_bytes", rt.control_group)
         rec["param_bytes"] = param_bytes(engine.worker, rt)
@@ -114,7 +122,7 @@ def drive(engine: Engine, job: dict, rt) -> dict:
     engine.stop_workers()
     broadcast("done", rt.control_group)
     return {"requests": {rid: h.result().token_ids for rid, h in handles.items()}, "switches": switches,
-            "preemptions": engine.sched.num_preemptions}
+            "preemptions": engine.sched.num_preemptions, "unpacked_at_end": len(engine.runner.unpacked)}
 
 
 def main():
