@@ -14,7 +14,6 @@ and wakes that thread through a pipe; received messages go to one callback on th
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import socket
 import threading
@@ -167,19 +166,32 @@ class Link:
         self._decode = msgspec.msgpack.Decoder(inbound).decode
         self._encode = msgspec.msgpack.Encoder().encode
         self._out: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake_r, self._wake_w = os.pipe()
+        # Wake-ups for the link thread. Socket objects, not raw pipe fds: a closed one fails
+        # cleanly instead of its number, reused by then, reaching another link's descriptor.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def send(self, msg, peer: bytes = b"") -> None:
+        """Queue ``msg``; after ``close`` it is dropped (nothing is sent any more)."""
         self._out.put((peer, self._encode(msg)))
-        os.write(self._wake_w, b"x")
+        self._wake()
 
     def close(self) -> None:
         self._closed.set()
-        os.write(self._wake_w, b"x")
+        self._wake()
         self._thread.join(5)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except BlockingIOError:
+            pass  # its buffer is full of wake-ups: the thread wakes anyway
+        except OSError:
+            if not self._closed.is_set():
+                raise
 
     def _run(self) -> None:
         poller = zmq.Poller()
@@ -188,7 +200,7 @@ class Link:
         while not self._closed.is_set():
             ready = dict(poller.poll(1000))
             if self._wake_r in ready:
-                os.read(self._wake_r, 65536)
+                self._wake_r.recv(65536)
             while True:
                 try:
                     peer, data = self._out.get_nowait()
@@ -209,8 +221,8 @@ class Link:
                     continue
                 self.on_message(peer, msg)
         self.sock.close(linger=0)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._wake_r.close()
+        self._wake_w.close()
 
 
 def _socket(kind: int) -> zmq.Socket:

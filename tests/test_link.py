@@ -35,6 +35,25 @@ def test_a_burst_of_token_outputs_arrives_whole_and_in_order():
         front.close()
 
 
+def test_a_closed_link_drops_what_is_sent_and_leaves_other_links_alone():
+    """Threads may still send after a link closed (a core being replaced); that must not fail
+    them or touch the descriptors a newer link got (a flake once: EBADF closing a newer link)."""
+    got = queue.Queue()
+    front, address = link.bind("127.0.0.1", 0, lambda _peer, msg: got.put(msg), "test-front")
+    old = link.connect(address, lambda msg: None, "test-old")
+    old.close()
+    new = link.connect(address, lambda msg: None, "test-new")
+    try:
+        for _ in range(3):
+            old.send(link.TokenOutput("old", [1]))
+        old.close()
+        new.send(link.TokenOutput("new", [2]))
+        assert got.get(timeout=30).request_id == "new" and got.empty()
+    finally:
+        new.close()
+        front.close()
+
+
 def test_malformed_bytes_on_the_link_are_ignored():
     got, done = [], threading.Event()
 
