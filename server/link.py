@@ -199,7 +199,7 @@ class Link:
         poller.register(self._wake_r, zmq.POLLIN)
         while not self._closed.is_set():
             ready = dict(poller.poll(1000))
-            if self._wake_r in ready:
+            if self._wake_r.fileno() in ready:  # the poller reports a non-zmq socket by its fd
                 self._wake_r.recv(65536)
             while True:
                 try:

@@ -1,9 +1,11 @@
 """The front end ⇄ engine core link over real ZeroMQ sockets on loopback: a burst of outputs
 arrives whole and in order (nothing dropped at a high-water mark); bytes that are no message are
 ignored; the front end's journal re-admits what a lost core left."""
+import os
 import queue
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import zmq
@@ -33,6 +35,29 @@ def test_a_burst_of_token_outputs_arrives_whole_and_in_order():
     finally:
         core.close()
         front.close()
+
+
+def test_an_idle_link_thread_sleeps():
+    """The link thread blocks in its poll between messages (a wake-up left unread once made it
+    spin a core in every process)."""
+    front, address = link.bind("127.0.0.1", 0, lambda _peer, msg: None, "test-front")
+    core = link.connect(address, lambda msg: None, "test-core")
+    try:
+        core.send(link.TokenOutput("r", [1]))
+        time.sleep(0.2)
+        before = {lk: cpu_seconds(lk._thread) for lk in (front, core)}
+        time.sleep(1.0)
+        used = {lk._thread.name: cpu_seconds(lk._thread) - s for lk, s in before.items()}
+        assert max(used.values()) < 0.2, used  # a spinning thread uses ~1 s of the second
+    finally:
+        core.close()
+        front.close()
+
+
+def cpu_seconds(thread: threading.Thread) -> float:
+    """CPU time (user + system) of ``thread`` so far, from /proc (Linux)."""
+    fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_a_closed_link_drops_what_is_sent_and_leaves_other_links_alone():
