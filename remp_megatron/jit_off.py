@@ -1,7 +1,7 @@
 """megatron-core with its ``jit_fuser`` off, decided before megatron is imported.
 
 ``megatron.core.jit`` sets ``jit_fuser = torch.compile`` and ~15 megatron modules decorate
-fusion kernels with it at import, which imports dynamo and inductor: ~1.4 s of every
+fusion kernels with it at import, which imports dynamo and inductor: ~1.5-2 s of every
 process's start (each rank, each test world, each restart). We run none of those fusions
 (``model.megatron_config`` turns them off: the unfused paths are exact on every device), and
 one reached anyway runs eagerly instead of being compiled on its first call. Megatron has this

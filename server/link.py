@@ -9,7 +9,7 @@ routing id. msgspec decodes into typed structs (never pickle: the port may liste
 at a few µs per message. gRPC would need the core to serve a port the front end must then find.
 
 Each side owns its socket on one thread (ZeroMQ sockets are not thread-safe): ``Link.send`` queues
-and wakes that thread through a pipe; received messages go to one callback on that thread.
+and wakes that thread through a socket pair; received messages go to one callback on that thread.
 """
 from __future__ import annotations
 
