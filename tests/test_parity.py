@@ -14,6 +14,8 @@ Two checks per (model, topology), from one world per model group that runs both 
 """
 import copy
 import json
+import subprocess
+import sys
 import types
 from dataclasses import dataclass
 
@@ -286,6 +288,16 @@ def test_smollm2_bf16_serving_matches_hf_bf16(smol_results, smol_bf16_prompts, s
         margin = (top[:, 0] - top[:, 1]).min().item()
         assert margin > 2 * d, f"WIDE[{i}]: HF-bf16 margin {margin:.3g} <= 2 x our deviation {d:.3g}: pick another"
         assert ours["greedy"][len(prompts) - 2 * n + i][:len(ref)] == ref
+
+
+def test_a_rank_imports_megatron_without_its_compiler():
+    """jit_off: a fresh process that imports our engine gets megatron with its fuser off, and
+    never imports dynamo (~2 s of every rank's start when it does)."""
+    code = ("import sys, remp_megatron.worker, megatron.core.jit as jit; "
+            "print(jit.jit_fuser.__module__, 'torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert out == ["remp_megatron.jit_off", "False"], out
 
 
 def test_every_cpu_patch_is_needed_and_sufficient(tmp_path):
