@@ -7,6 +7,9 @@ linears of a layer at batch 1: 1.48 -> 1.36 ms; ~4 ms of a 75 ms decode step). H
 and, for the row-parallel one, a sum over the TP group (``collectives.all_reduce_sum``: on CPU
 one round of messages instead of gloo's ring).
 
+GPTModel builds its output layer itself (no spec entry): ``use_for_output_layer`` gives it this
+forward too (one GEMM, then megatron's gather of the vocabulary shards).
+
 On CPU in fp32/bf16 the GEMM uses a copy of the weight in oneDNN's blocked layout for
 decode-sized batches (packed all at load; after a switch a few per step, never in its pause): MKL's
 GEMM reads a cold row-major weight at a few rows far below its peak (SmolLM2's 120 layer GEMMs, weights cold:
@@ -20,6 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
 from .collectives import all_reduce_sum
 
@@ -35,12 +39,13 @@ class _Packable:
     packed: Optional[torch.Tensor] = None  # the weight in oneDNN's layout (pack_linear), not a parameter
 
     def _gemm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``weight``: this layer's, or (a tied output layer owns none) the embedding's it was packed from."""
         # As one 2-D GEMM: torch.matmul turns a [T, 1, in] input whose strides do not fold to 2-D
         # (megatron's embedding output is a transposed view) into a bmm over T copies of the weight
         # (bf16: ~1 s for a 1024-token chunk's QKV).
         rows = x.reshape(-1, x.shape[-1])
         n = rows.shape[0]
-        if self.packed is not None and weight is self.weight and n <= _PACKED_MAX_ROWS:
+        if self.packed is not None and (weight is self.weight or self.weight is None) and n <= _PACKED_MAX_ROWS:
             padded = F.pad(rows, (0, 0, 0, (1 << (n - 1).bit_length()) - n))
             out = torch.ops.mkldnn._linear_pointwise(padded, self.packed, None, "none", [], "")[:n]
         else:
@@ -70,21 +75,42 @@ class InferenceRowParallelLinear(_Packable, RowParallelLinear):
         return out + self.bias, None
 
 
-def unpacked_linears(model: torch.nn.Module) -> list[_Packable]:
-    """``model``'s TP linears whose weight would be faster in oneDNN's layout (CPU, fp32/bf16) and
-    is not yet. Pack once the weights are final: a serving model's weights never change in place
-    (a switch builds a new model), so the copy stays valid for the model's life."""
+class InferenceOutputLayer(_Packable, ColumnParallelLinear):
+    def forward(self, input_: torch.Tensor, weight=None, runtime_gather_output=None):
+        out = self._gemm(input_, self.weight if weight is None else weight)
+        if self.gather_output and self.tp_group.size() > 1:
+            out = gather_from_tensor_model_parallel_region(out, self.tp_group)
+        return out, None
+
+
+def use_for_output_layer(model) -> None:
+    """Give a last stage's GPTModel output layer the forward above (same object, parameters and
+    checkpoint keys: the class adds no state)."""
+    assert type(model.output_layer) is ColumnParallelLinear and model.output_layer.bias is None
+    model.output_layer.__class__ = InferenceOutputLayer
+
+
+def unpacked_linears(model: torch.nn.Module) -> list[tuple[_Packable, torch.Tensor]]:
+    """``model``'s linears whose weight would be faster in oneDNN's layout (CPU, fp32/bf16) and is
+    not yet, each with that weight (a tied output layer's is the embedding's). Pack once the
+    weights are final: a serving model's weights never change in place (a switch builds a new
+    model), so the copy stays valid for the model's life."""
     if not torch.backends.mkldnn.is_available():
         return []
-    return [m for m in model.modules() if isinstance(m, _Packable) and m.packed is None and
-            m.weight.device.type == "cpu" and m.weight.dtype in (torch.float32, torch.bfloat16)]
+    found = []
+    for m in model.modules():
+        if isinstance(m, _Packable) and m.packed is None:
+            weight = m.weight if m.weight is not None else model.shared_embedding_or_output_weight()
+            if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
+                found.append((m, weight))
+    return found
 
 
-def pack_linear(linear: _Packable) -> None:
-    linear.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight, _PACKED_FOR_ROWS)
+def pack_linear(linear: _Packable, weight: torch.Tensor) -> None:
+    linear.packed = torch.ops.mkldnn._reorder_linear_weight(weight, _PACKED_FOR_ROWS)
 
 
 def pack_weights(model: torch.nn.Module) -> None:
     """Pack every linear of ``model`` that would gain from it (SmolLM2 whole: 0.12 s fp32, 0.07 s bf16)."""
-    for m in unpacked_linears(model):
-        pack_linear(m)
+    for m, weight in unpacked_linears(model):
+        pack_linear(m, weight)

@@ -119,6 +119,8 @@ def build_stage_model(spec: ModelSpec, topo: Topology, pp_stage: int, device: to
     """This rank's GPTModel: its stage's layers and its TP slice, uninitialised."""
     from megatron.core.models.gpt.gpt_model import GPTModel
 
+    from .linear import use_for_output_layer
+
     model = GPTModel(
         config=megatron_config(spec, topo, device),
         transformer_layer_spec=block_spec(spec, topo, pp_stage),
@@ -131,6 +133,8 @@ def build_stage_model(spec: ModelSpec, topo: Topology, pp_stage: int, device: to
         position_embedding_type="rope",
         rotary_base=spec.rope_theta,
     )
+    if model.post_process:
+        use_for_output_layer(model)
     for norm in model.modules():  # megatron builds torch norms in fp32 whatever params_dtype says
         if isinstance(norm, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
             norm.to(spec.torch_dtype)

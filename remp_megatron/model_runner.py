@@ -24,6 +24,7 @@ from .paged_attention import AttentionMetadata, Rotary, forward_context
 from .rope import angle_table
 from .scheduler import StepPlan
 from .spec import ModelSpec
+from .threads import ThreadChooser, budget, powers_of_two
 from .topology import Topology
 
 
@@ -45,18 +46,30 @@ class ModelRunner:
         self.prev_rank = None if self.is_first else topo.rank_of(self.pp_stage - 1, self.tp_rank)
         self.next_rank = None if self.is_last else topo.rank_of(self.pp_stage + 1, self.tp_rank)
         self.unpacked = unpacked_linears(model)  # packed a few per step (pack_some)
+        # On CUDA the host threads only launch kernels: keep them as configured.
+        self.threads = ThreadChooser(powers_of_two(budget()) if device.type == "cpu" else (budget(),))
         self.rope = angle_table(spec.rope, spec.head_dim, spec.rope_theta, spec.max_position_embeddings).to(device)
         self.rope_mscale = _yarn_get_concentration_factor_from_config(model.config)
         # CPU SDPA in bf16/fp16 runs ~3x slower than in fp32 (no half kernel): attend in fp32 there.
         self.attn_dtype = torch.promote_types(spec.torch_dtype, torch.float32) if device.type == "cpu" \
             else spec.torch_dtype
 
-    @torch.inference_mode()
     def run_step(self, plan: StepPlan, driver: int = 0) -> Optional[torch.Tensor]:
         """Execute one step on this rank. On the driver rank returns fp32 logits (fp64 for an
-        fp64 model) [len(plan.logit_rows()), vocab] for the sampled rows; elsewhere None.
+        fp64 model) [len(plan.logit_rows()), vocab] for the sampled rows; elsewhere None."""
+        tokens = len(plan.token_ids)
+        threads = self.threads.choose(tokens)
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        logits = self._run(plan, driver)
+        self.threads.record(tokens, threads, time.perf_counter() - t0)
+        self.pack_some()
+        return logits
 
-        With PP>1 the batch is split into micro-batches so stage s works on micro-batch m+1
+    @torch.inference_mode()
+    def _run(self, plan: StepPlan, driver: int) -> Optional[torch.Tensor]:
+        """With PP>1 the batch is split into micro-batches so stage s works on micro-batch m+1
         while stage s+1 works on m. Every send is non-blocking (waited at the end) so no
         stage blocks its predecessor; tags keep micro-batches apart.
         """
@@ -89,7 +102,6 @@ class ModelRunner:
                 pending.append(dist.isend(logits, dst=driver, tag=_LOGITS_TAG + i))
         for work in pending:
             work.wait()
-        self.pack_some()
         if not is_driver:
             return None
         return torch.cat(from_last or results).cpu()
@@ -98,7 +110,7 @@ class ModelRunner:
         """Pack the next unpacked linears, at least one, for up to ``_PACK_SECONDS_PER_STEP``."""
         t0 = time.perf_counter()
         while self.unpacked and (time.perf_counter() - t0 < _PACK_SECONDS_PER_STEP):
-            pack_linear(self.unpacked.pop(0))
+            pack_linear(*self.unpacked.pop(0))
 
     def _stage_forward(self, mb: StepPlan, meta: AttentionMetadata, tag: int) -> torch.Tensor:
         if self.is_first:
