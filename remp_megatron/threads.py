@@ -36,8 +36,8 @@ class ThreadChooser:
         n = self._steps[size]
         self._steps[size] += 1
         untried = [t for t in self.candidates if (size, t) not in self._seconds_per_token]
-        if untried:
-            return untried[0]
+        if untried:  # the most first: a size seen once (one prompt's prefill) runs as configured
+            return untried[-1]
         best = min(self.candidates, key=lambda t: statistics.median(self._seconds_per_token[size, t]))
         others = [t for t in self.candidates if t != best]
         if others and n % _EXPLORE_EVERY == 0:
