@@ -28,8 +28,9 @@ class ThreadChooser:
     takes its measured time. Steps are grouped by size in powers of two of their tokens."""
 
     candidates: tuple[int, ...]  # counts to choose from (powers_of_two)
-    _seconds_per_token: dict[tuple[int, int], collections.deque] = field(default_factory=dict)  # (size, threads) -> recent
-    _steps: collections.Counter = field(default_factory=collections.Counter)  # size -> steps chosen
+    # (size, threads) -> seconds per token of the recent steps; size -> steps chosen so far
+    _seconds_per_token: dict[tuple[int, int], collections.deque] = field(default_factory=dict, init=False)
+    _steps: collections.Counter = field(default_factory=collections.Counter, init=False)
 
     def choose(self, tokens: int) -> int:
         size = tokens.bit_length()
