@@ -58,7 +58,7 @@ def test_step_sizes_are_chosen_apart():
 
 def test_an_engine_allowed_two_threads_runs_steps_at_both_and_gives_hfs_tokens(llama_mg, llama_hf):
     """A real pipeline allowed two threads: the thread count each step of the decoder ran at (a
-    forward pre-hook), and the tokens, which must equal HF generate's."""
+    forward pre-hook), and the tokens, which must equal HF generate's (the output layer packed)."""
     script = ("import json, sys, torch, remp_megatron\n"
               "torch.set_num_threads(2)\n"
               "seen = []\n"
@@ -66,10 +66,12 @@ def test_an_engine_allowed_two_threads_runs_steps_at_both_and_gives_hfs_tokens(l
               "    pipe.engine.worker.runner.model.decoder.register_forward_pre_hook(\n"
               "        lambda *_: seen.append(torch.get_num_threads()))\n"
               "    out = pipe([[5, 6, 7], [9, 10, 11, 12, 13, 14]], max_new_tokens=40)\n"
-              "print(json.dumps({'threads': seen, 'tokens': [r.token_ids for r in out]}))\n")
+              "    head = pipe.engine.worker.runner.model.output_layer.packed is not None\n"
+              "print(json.dumps({'threads': seen, 'tokens': [r.token_ids for r in out], 'head_packed': head}))\n")
     proc = run([sys.executable, "-c", script, str(llama_mg)], timeout=300, cwd=ROOT)
     out = json.loads(proc.stdout.splitlines()[-1])
     assert set(out["threads"]) == {1, 2}, out["threads"]
+    assert out["head_packed"]  # the output layer's GEMM runs on oneDNN's layout too (linear.py)
 
     from transformers import AutoModelForCausalLM
 
