@@ -3,7 +3,7 @@
 More threads are not always faster here. A decode step of a few sequences is a chain of small,
 memory-bound GEMMs and many tiny ops; with two threads every one of them is a parallel region
 that waits for the slower thread, and on a shared VM whose vCPUs are stolen for milliseconds at a
-time that wait is the step's time. Measured on the 2-vCPU CI machine, SmolLM2 fp32, steps
+time that wait is the step's time. Measured on this project's 2-vCPU VM, SmolLM2 fp32, steps
 alternating 1 and 2 threads in one process (docs/benchmarks.md): 2 threads took 1.4-1.5x as
 long as 1 at 1 sequence, 1.2-1.8x at 4-16, and 0.9-1.2x at 32-64 depending on the hour; at
 another hour one thread was as fast as two at 1 sequence and two 27 % faster at 32. No fixed
