@@ -257,7 +257,8 @@ class Engine:
 
     # ---- background loop with pause points ----------------------------------------------
     def run_forever(self) -> None:
-        """Rank 0's serving loop (run it in a thread); returns after shutdown()."""
+        """Rank 0's serving loop, on the thread that initialised the rank (threads.py); other threads add
+        requests, pause it and switch. Returns after shutdown()."""
         while not self._stopping:
             if self._pause_requested.is_set():
                 self._parked.set()

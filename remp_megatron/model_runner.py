@@ -24,7 +24,7 @@ from .paged_attention import AttentionMetadata, Rotary, forward_context
 from .rope import angle_table
 from .scheduler import StepPlan
 from .spec import ModelSpec
-from .threads import ThreadChooser, budget, powers_of_two
+from .threads import check_kernel_thread
 from .topology import Topology
 
 
@@ -46,8 +46,6 @@ class ModelRunner:
         self.prev_rank = None if self.is_first else topo.rank_of(self.pp_stage - 1, self.tp_rank)
         self.next_rank = None if self.is_last else topo.rank_of(self.pp_stage + 1, self.tp_rank)
         self.unpacked = unpacked_linears(model)  # packed a few per step (pack_some)
-        # On CUDA the host threads only launch kernels: keep them as configured.
-        self.threads = ThreadChooser(powers_of_two(budget()) if device.type == "cpu" else (budget(),))
         self.rope = angle_table(spec.rope, spec.head_dim, spec.rope_theta, spec.max_position_embeddings).to(device)
         self.rope_mscale = _yarn_get_concentration_factor_from_config(model.config)
         # CPU SDPA has no fast fp16 kernel (2-2.5x slower than fp32 for prefill and decode): attend in fp32 there.
@@ -57,13 +55,8 @@ class ModelRunner:
     def run_step(self, plan: StepPlan, driver: int = 0) -> Optional[torch.Tensor]:
         """Execute one step on this rank. On the driver rank returns fp32 logits (fp64 for an
         fp64 model) [len(plan.logit_rows()), vocab] for the sampled rows; elsewhere None."""
-        tokens = len(plan.token_ids)
-        threads = self.threads.choose(tokens)
-        if threads != torch.get_num_threads():
-            torch.set_num_threads(threads)
-        t0 = time.perf_counter()
+        check_kernel_thread()
         logits = self._run(plan, driver)
-        self.threads.record(tokens, threads, time.perf_counter() - t0)
         self.pack_some()
         return logits
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from . import threads
+
 log = logging.getLogger("remp.runtime")
 
 
@@ -75,11 +77,13 @@ def init_distributed(timeout_s: float = 300.0, rank: int | None = None, world: i
                      init_method: str | None = None) -> Runtime:
     """Initialise torch.distributed from torchrun's environment (or a 1-rank world). ``rank``,
     ``world`` and ``init_method`` (a ``tcp://`` address) override it, for a process that starts
-    its own world (``remp_megatron.pipeline``)."""
+    its own world (``remp_megatron.pipeline``). The calling thread is the one to run the rank's steps
+    (threads.py)."""
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if init_method is None else rank
     import_megatron()
+    threads.own_kernel_threads()  # before gloo's threads exist: they must not run kernels on several cores
     device_type, backend = accelerator()
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)

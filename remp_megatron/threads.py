@@ -1,69 +1,43 @@
-"""How many CPU threads a step's kernels use: chosen per step from measured step times.
+"""One thread per process runs torch's CPU kernels on several cores: the one that set up the rank.
 
-More threads are not always faster here. A decode step of a few sequences is a chain of small,
-memory-bound GEMMs and many tiny ops; with two threads every one of them is a parallel region
-that waits for the slower thread, and on a shared VM whose vCPUs are stolen for milliseconds at a
-time that wait is the step's time. Measured on this project's 2-vCPU VM, SmolLM2 fp32, steps
-alternating 1 and 2 threads in one process (docs/benchmarks.md): 2 threads took 1.4-1.5x as
-long as 1 at 1 sequence, 1.2-1.8x at 4-16, and 0.9-1.2x at 32-64 depending on the hour; at
-another hour one thread was as fast as two at 1 sequence and two 27 % faster at 32. No fixed
-count is right, so each rank picks its own per step size: mostly the count with the lowest
-recent time per token, and now and then another, to follow the machine as it changes.
+torch parallelises CPU kernels with OpenMP (libgomp). libgomp gives every thread that runs a
+parallel region a team of worker threads, kept for that thread's life, and lets idle workers spin
+(ready within microseconds for the next region) only while the process has no more OpenMP
+threads than CPUs; past that, every region wakes its workers through the kernel. One second team
+crosses that line on a 2-core machine, and two came uninvited: gloo's thread copying
+``all_gather_object``'s bytes while megatron loads a checkpoint, and a serving loop on another
+thread than the one that loaded the model. Measured on this project's 2-vCPU VM, SmolLM2, 2
+threads (docs/benchmarks.md): a [112, 576] add took 73 µs instead of 6; an fp32 decode step of
+one sequence 63 ms instead of 44, of 32 sequences 136 instead of 106; a 112-token prefill 198 ms
+instead of 143. So: the thread that sets up a rank keeps the configured count (OMP_NUM_THREADS,
+``torch.set_num_threads``) and runs every step; any other thread runs kernels on one.
 """
 from __future__ import annotations
 
-import collections
-import statistics
-from dataclasses import dataclass, field
+import threading
+from typing import Optional
 
 import torch
 
-_WINDOW = 3  # recent steps per (size, count) whose median decides: one stolen step does not
-_EXPLORE_EVERY = 16  # steps of a size between tries of a count that is not the best (<= ~3 % lost)
+_owner: Optional[int] = None
 
 
-@dataclass
-class ThreadChooser:
-    """``choose(tokens)`` names the thread count for a step of ``tokens`` tokens, ``record``
-    takes its measured time. Steps are grouped by size in powers of two of their tokens."""
-
-    candidates: tuple[int, ...]  # counts to choose from (powers_of_two)
-    # (size, threads) -> seconds per token of the recent steps; size -> steps chosen so far
-    _seconds_per_token: dict[tuple[int, int], collections.deque] = field(default_factory=dict, init=False)
-    _steps: collections.Counter = field(default_factory=collections.Counter, init=False)
-
-    def choose(self, tokens: int) -> int:
-        size = tokens.bit_length()
-        n = self._steps[size]
-        self._steps[size] += 1
-        untried = [t for t in self.candidates if (size, t) not in self._seconds_per_token]
-        if untried:  # the most first: a size seen once (one prompt's prefill) runs as configured
-            return untried[-1]
-        best = min(self.candidates, key=lambda t: statistics.median(self._seconds_per_token[size, t]))
-        others = [t for t in self.candidates if t != best]
-        if others and n % _EXPLORE_EVERY == 0:
-            return others[(n // _EXPLORE_EVERY) % len(others)]
-        return best
-
-    def record(self, tokens: int, threads: int, seconds: float) -> None:
-        recent = self._seconds_per_token.setdefault(
-            (tokens.bit_length(), threads), collections.deque(maxlen=_WINDOW))
-        recent.append(seconds / tokens)
+def own_kernel_threads() -> None:
+    """Make the calling thread the process's one multi-threaded kernel thread; every thread that
+    runs its first kernel after this call uses one core. Call before any process group exists."""
+    global _owner
+    torch.get_num_threads()  # settles this thread's count now (torch settles a thread's at its first use)
+    # torch.set_num_threads sets its caller's count and the count threads settle on later: set the
+    # latter from a thread that ends at once.
+    default = threading.Thread(target=torch.set_num_threads, args=(1,), name="kernel-threads")
+    default.start()
+    default.join()
+    _owner = threading.get_ident()
 
 
-def powers_of_two(most: int) -> tuple[int, ...]:
-    """1, 2, 4, ... up to and including ``most``."""
-    return tuple(1 << i for i in range(most.bit_length()) if 1 << i < most) + (most,)
-
-
-_budget: int | None = None
-
-
-def budget() -> int:
-    """This process's thread count as configured (OMP_NUM_THREADS, ``torch.set_num_threads``)
-    when a model runner first asked: the most a step uses. Remembered, because the count set for
-    the last step is what ``torch.get_num_threads`` says afterwards."""
-    global _budget
-    if _budget is None:
-        _budget = torch.get_num_threads()
-    return _budget
+def check_kernel_thread() -> None:
+    """Raise unless the caller is the thread ``own_kernel_threads`` chose (or none was chosen)."""
+    if _owner is not None and threading.get_ident() != _owner:
+        raise RuntimeError(f"model steps run on thread {threading.current_thread().name!r}; they must run on "
+                           "the thread that initialised the rank, the only one with several kernel threads "
+                           "(remp_megatron/threads.py)")

@@ -41,8 +41,6 @@ class EngineCore:
     def serve(self, worker, cfg: ServerConfig, load_s: float) -> None:
         """Serve until the front end says Shutdown; then release every rank."""
         engine = self.engine = Engine(worker, cfg.engine, self._start.eos_token_ids, bounded_queue=False)
-        loop = threading.Thread(target=engine.run_forever, name="engine-loop", daemon=True)
-        loop.start()
         self.switches = SwitchController(engine)
         self.switches.on_record.append(
             lambda record, phases: self.link.send(link.SwitchDone(record.SerializeToString(), phases)))
@@ -56,14 +54,19 @@ class EngineCore:
         topo = worker.topo
         self.link.send(link.Ready(topo.tp, topo.pp, topo.ep, engine.spec.dtype, engine.load().kv_blocks_total, load_s))
         log.info("serving %s at %s (%d ranks)", cfg.model.name, worker.topo, worker.world)
+        beat = threading.Thread(target=self._beat_until_stopped, name="heartbeat", daemon=True)
+        beat.start()
+        engine.run_forever()  # on the thread that loaded the model: the one with several kernel threads
+        beat.join()
+        engine.stop_workers()
+        self.link.close()
+
+    def _beat_until_stopped(self) -> None:
         while not self._stop.wait(link.HEARTBEAT_S):
             self._heartbeat()
         if self.policy is not None:
             self.policy.stop()
-        engine.shutdown()
-        loop.join()
-        engine.stop_workers()
-        self.link.close()
+        self.engine.shutdown()  # run_forever returns
 
     def _heartbeat(self) -> None:
         load, policy = self.engine.load(), self.policy
