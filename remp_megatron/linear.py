@@ -13,7 +13,8 @@ forward too (one GEMM, then megatron's gather of the vocabulary shards).
 On CPU in fp32/bf16 the GEMM uses a copy of the weight in oneDNN's blocked layout for
 decode-sized batches (packed all at load; after a switch a few per step, never in its pause): MKL's
 GEMM reads a cold row-major weight at a few rows far below its peak (SmolLM2's 120 layer GEMMs, weights cold:
-fp32 41 -> 27 ms at 1 row, 82 -> 47 ms at 32; bf16 19 -> 13 / 33 -> 24 ms). Another kernel, so
+fp32 41 -> 27 ms at 1 row, 82 -> 47 ms at 32; bf16 19 -> 13 / 33 -> 24 ms, on an AMD EPYC). Not on
+every CPU at every batch size: the runner measures which is faster (step_tuner.py). Another kernel, so
 another summation order than ``x @ W.t()`` (fp32 rounding, no more); fp64 keeps ``matmul``.
 """
 from __future__ import annotations
@@ -32,11 +33,12 @@ _PACKED_FOR_ROWS = 32  # oneDNN's layout hint; any row count runs on it (measure
 # bounded by its cache-capacity variables here: 350 distinct row counts grew RSS by 600 MB). So
 # only decode-sized batches take the packed path, their rows padded to a power of two: at most 7
 # shapes per weight. Prefill chunks (more rows, compute-bound) keep MKL's GEMM.
-_PACKED_MAX_ROWS = 64
+PACKED_MAX_ROWS = 64
 
 
 class _Packable:
     packed: Optional[torch.Tensor] = None  # the weight in oneDNN's layout (pack_linear), not a parameter
+    use_packed = True  # the runner's choice for this step (use_packed_weights)
 
     def _gemm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``weight``: this layer's, or (a tied output layer owns none) the embedding's it was packed from."""
@@ -45,7 +47,8 @@ class _Packable:
         # (bf16: ~1 s for a 1024-token chunk's QKV).
         rows = x.reshape(-1, x.shape[-1])
         n = rows.shape[0]
-        if self.packed is not None and (weight is self.weight or self.weight is None) and n <= _PACKED_MAX_ROWS:
+        if self.use_packed and self.packed is not None and (weight is self.weight or self.weight is None) \
+                and n <= PACKED_MAX_ROWS:
             padded = F.pad(rows, (0, 0, 0, (1 << (n - 1).bit_length()) - n))
             out = torch.ops.mkldnn._linear_pointwise(padded, self.packed, None, "none", [], "")[:n]
         else:
@@ -104,6 +107,20 @@ def unpacked_linears(model: torch.nn.Module) -> list[tuple[_Packable, torch.Tens
             if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
                 found.append((m, weight))
     return found
+
+
+def has_packed_path(model: torch.nn.Module) -> bool:
+    """Whether any of ``model``'s linears runs (or, once packed, will run) on a packed weight."""
+    return any(isinstance(m, _Packable) and m.packed is not None for m in model.modules()) \
+        or bool(unpacked_linears(model))
+
+
+def use_packed_weights(model: torch.nn.Module, on: bool) -> None:
+    """Whether ``model``'s packed linears run on their packed weights (else on MKL's GEMM) from
+    now on: which is faster at a batch size depends on the CPU (step_tuner.py)."""
+    for m in model.modules():
+        if isinstance(m, _Packable):
+            m.use_packed = on
 
 
 def pack_linear(linear: _Packable, weight: torch.Tensor) -> None:

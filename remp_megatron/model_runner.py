@@ -18,12 +18,14 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
 )
 
 from .kv_cache import KVCache
-from .linear import pack_linear, pack_weights, unpacked_linears
+from .linear import (PACKED_MAX_ROWS, has_packed_path, pack_linear, pack_weights, unpacked_linears,
+                     use_packed_weights)
 from .model import shared_output_weight
 from .paged_attention import AttentionMetadata, Rotary, forward_context
 from .rope import angle_table
 from .scheduler import StepPlan
 from .spec import ModelSpec
+from .step_tuner import StepTuner
 from .threads import check_kernel_thread
 from .topology import Topology
 
@@ -46,6 +48,9 @@ class ModelRunner:
         self.prev_rank = None if self.is_first else topo.rank_of(self.pp_stage - 1, self.tp_rank)
         self.next_rank = None if self.is_last else topo.rank_of(self.pp_stage + 1, self.tp_rank)
         self.unpacked = unpacked_linears(model)  # packed a few per step (pack_some)
+        # Decode-sized steps: packed weights or MKL's GEMM, whichever is faster here (True: packed).
+        self.gemm = StepTuner((True, False)) if has_packed_path(model) else None
+        self._packed_now = True
         self.rope = angle_table(spec.rope, spec.head_dim, spec.rope_theta, spec.max_position_embeddings).to(device)
         self.rope_mscale = _yarn_get_concentration_factor_from_config(model.config)
         # CPU SDPA has no fast fp16 kernel (2-2.5x slower than fp32 for prefill and decode): attend in fp32 there.
@@ -56,7 +61,17 @@ class ModelRunner:
         """Execute one step on this rank. On the driver rank returns fp32 logits (fp64 for an
         fp64 model) [len(plan.logit_rows()), vocab] for the sampled rows; elsewhere None."""
         check_kernel_thread()
+        tokens = len(plan.token_ids)
+        tuned = self.gemm is not None and tokens <= PACKED_MAX_ROWS
+        if tuned:
+            packed = self.gemm.choose(tokens)
+            if packed != self._packed_now:
+                use_packed_weights(self.model, packed)
+                self._packed_now = packed
+        t0 = time.perf_counter()
         logits = self._run(plan, driver)
+        if tuned:
+            self.gemm.record(tokens, packed, time.perf_counter() - t0)
         self.pack_some()
         return logits
 

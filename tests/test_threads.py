@@ -1,6 +1,7 @@
 """One thread per process runs kernels on several cores (threads.py): the rule in a bare process,
 and a real pipeline allowed two threads, whose steps run on both, whose other threads (gloo's
-among them) get one, and whose tokens equal HF generate's."""
+among them) get one, whose decode steps try both GEMM paths (step_tuner.py), and whose tokens
+equal HF generate's."""
 import json
 import sys
 
@@ -37,7 +38,7 @@ def test_only_the_owning_thread_runs_kernels_on_several_cores():
     assert "'not-the-owner'" in out["refused"]
 
 
-def test_a_pipeline_allowed_two_threads_steps_on_two_and_gives_hfs_tokens(llama_mg, llama_hf):
+def test_a_pipeline_allowed_two_threads_steps_on_two_tries_both_gemms_and_gives_hfs_tokens(llama_mg, llama_hf):
     """The decoder's thread count at every step (a forward pre-hook), another thread's count once
     the model is loaded and served, and the tokens, which must equal HF generate's (the output
     layer packed)."""
@@ -45,19 +46,22 @@ def test_a_pipeline_allowed_two_threads_steps_on_two_and_gives_hfs_tokens(llama_
               "torch.set_num_threads(2)\n"
               "seen = []\n"
               "with remp_megatron.pipeline(sys.argv[1]) as pipe:\n"
-              "    pipe.engine.worker.runner.model.decoder.register_forward_pre_hook(\n"
-              "        lambda *_: seen.append(torch.get_num_threads()))\n"
+              "    model = pipe.engine.worker.runner.model\n"
+              "    model.decoder.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))\n"
+              "    paths = set()\n"
+              "    model.output_layer.register_forward_pre_hook(lambda m, _: paths.add(m.use_packed))\n"
               "    out = pipe([[5, 6, 7], [9, 10, 11, 12, 13, 14]], max_new_tokens=40)\n"
               "    head = pipe.engine.worker.runner.model.output_layer.packed is not None\n"
               "    other = []\n"
               "    th = threading.Thread(target=lambda: other.append(torch.get_num_threads())); th.start(); th.join()\n"
               "print(json.dumps({'threads': seen, 'other': other[0], 'tokens': [r.token_ids for r in out],\n"
-              "                  'head_packed': head}))\n")
+              "                  'head_packed': head, 'gemm_paths': sorted(paths)}))\n")
     proc = run([sys.executable, "-c", script, str(llama_mg)], timeout=300, cwd=ROOT)
     out = json.loads(proc.stdout.splitlines()[-1])
     assert set(out["threads"]) == {2}, out["threads"]
     assert out["other"] == 1
     assert out["head_packed"]  # the output layer's GEMM runs on oneDNN's layout too (linear.py)
+    assert out["gemm_paths"] == [False, True]  # decode steps tried MKL's GEMM and the packed weights (step_tuner.py)
 
     from transformers import AutoModelForCausalLM
 
