@@ -88,11 +88,19 @@ def megatron_config(spec: ModelSpec, topo: Topology, device: torch.device):
 def _layer_spec(spec: ModelSpec, moe: bool):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from .layer import InferenceMLP, InferenceSelfAttention, InferenceTransformerLayer
     from .linear import InferenceColumnParallelLinear, InferenceRowParallelLinear
     from .moe import HFTopKRouter, TokenSplitMoELayer
 
     layer = copy.deepcopy(get_gpt_layer_local_spec(num_experts=spec.moe.num_experts if moe else None,
                                                    normalization="RMSNorm", qk_layernorm=spec.qk_norm))
+    # Inference-only forwards (layer.py): same classes underneath, so assert what they replace.
+    assert layer.module is TransformerLayer and layer.submodules.self_attention.module is SelfAttention
+    layer.module, layer.submodules.self_attention.module = InferenceTransformerLayer, InferenceSelfAttention
     attention = layer.submodules.self_attention.submodules
     attention.core_attention = PagedAttention
     attention.linear_qkv, attention.linear_proj = InferenceColumnParallelLinear, InferenceRowParallelLinear
@@ -101,6 +109,9 @@ def _layer_spec(spec: ModelSpec, moe: bool):
         layer.submodules.mlp.module = TokenSplitMoELayer
         mlp.router = HFTopKRouter
         mlp = mlp.experts.submodules
+    else:
+        assert layer.submodules.mlp.module is MLP
+        layer.submodules.mlp.module = InferenceMLP
     mlp.linear_fc1, mlp.linear_fc2 = InferenceColumnParallelLinear, InferenceRowParallelLinear
     return layer
 
@@ -119,10 +130,13 @@ def build_stage_model(spec: ModelSpec, topo: Topology, pp_stage: int, device: to
     """This rank's GPTModel: its stage's layers and its TP slice, uninitialised."""
     from megatron.core.models.gpt.gpt_model import GPTModel
 
+    from .layer import check_supported
     from .linear import use_for_output_layer
 
+    config = megatron_config(spec, topo, device)
+    check_supported(config)
     model = GPTModel(
-        config=megatron_config(spec, topo, device),
+        config=config,
         transformer_layer_spec=block_spec(spec, topo, pp_stage),
         vocab_size=spec.vocab_size,
         max_sequence_length=spec.max_position_embeddings,
