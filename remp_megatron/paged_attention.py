@@ -36,6 +36,7 @@ class AttentionGroup:
     kv_blocks: torch.Tensor  # [B * W] cache block of each key block (the sequence's first where padding)
     mask: torch.Tensor  # [B, 1, Qmax, W * block_size] 0 where a query may attend, -inf elsewhere
     window_mask: Optional[torch.Tensor] = None  # the mask of sliding-window layers
+    whole: bool = False  # the step's only group, one query per sequence: q_index, valid and rows are 0..B-1
 
 
 @dataclass
@@ -89,7 +90,8 @@ class AttentionMetadata:
             groups.append(AttentionGroup(
                 q_index.to(device), valid_q.to(device), q_index[valid_q].to(device),
                 table[rows, :blocks].flatten().to(device), _additive(allowed, dtype, device),
-                None if in_window is None else _additive(in_window, dtype, device)))
+                None if in_window is None else _additive(in_window, dtype, device),
+                whole=qmax == 1 and len(rows) == len(starts)))
         return cls(positions.to(device), slot_mapping.to(device), groups, block_size,
                    frozenset(window_layers) if window is not None else frozenset())
 
@@ -161,7 +163,7 @@ class PagedAttention(torch.nn.Module):
         k_blocks, v_blocks = (c.unflatten(0, (-1, meta.block_size)) for c in (k_cache, v_cache))
 
         q_packed = query[:, 0]
-        out = torch.empty_like(q_packed)
+        out = None
         heads, kv_heads = q_packed.shape[1], k_cache.shape[1]
         windowed = self.layer_number - 1 in meta.window_layers
         for g in meta.groups:  # one SDPA per group for all its sequences
@@ -173,16 +175,22 @@ class PagedAttention(torch.nn.Module):
                 return x.index_select(0, index).to(mask.dtype).view(b, n, *x.shape[-2:]).transpose(1, 2)
 
             k, v = gather(k_blocks, g.kv_blocks, lmax), gather(v_blocks, g.kv_blocks, lmax)
+            # A decode-only step's queries already are in the group's order: no gather, no scatter.
+            q_rows = q_packed if g.whole else q_packed.index_select(0, g.q_index)
             if qmax == 1 and mask.dtype == torch.bfloat16:
                 # bf16 decodes: a KV head's query heads as that many query rows of one head (as HF
                 # does): CPU SDPA's bf16 kernel is ~4x slower on one query row per head with GQA
                 # (B=32: 4.8 vs 1.3 ms a layer). In fp32 the GQA call is a few % faster.
-                q = q_packed.index_select(0, g.q_index).to(mask.dtype).view(b, kv_heads, heads // kv_heads, -1)
+                q = q_rows.to(mask.dtype).reshape(b, kv_heads, heads // kv_heads, -1)
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
-                out.index_copy_(0, g.rows, o.reshape(b, heads, -1).to(out.dtype))
-                continue
-            o = F.scaled_dot_product_attention(gather(q_packed, g.q_index, qmax), k, v, attn_mask=mask,
-                                               scale=self.softmax_scale, enable_gqa=True)
-            o = o.transpose(1, 2).reshape(b * qmax, *q_packed.shape[1:])
-            out.index_copy_(0, g.rows, o.index_select(0, g.valid).to(out.dtype))
+                o = o.reshape(b, heads, -1).to(q_packed.dtype)
+            else:
+                q = q_rows.to(mask.dtype).reshape(b, qmax, heads, -1).transpose(1, 2)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale, enable_gqa=True)
+                o = o.transpose(1, 2).reshape(b * qmax, heads, -1).to(q_packed.dtype)
+            if g.whole:
+                return o.reshape(o.shape[0], 1, -1)
+            if out is None:
+                out = torch.empty_like(q_packed)
+            out.index_copy_(0, g.rows, o if qmax == 1 else o.index_select(0, g.valid))
         return out.reshape(out.shape[0], 1, -1)
