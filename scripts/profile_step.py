@@ -8,6 +8,10 @@ layers), the LM head, and the whole step; only steps in which every sequence dec
 Prints milliseconds per step: medians over those steps, per run. Submodules nest (``mlp``
 contains ``mlp.linear_fc1``; ``layers`` is the layers whole); parts under 0.5 ms are left out;
 the hooks themselves add a few %.
+
+``--gemms`` also times the step's GEMMs alone, the floor of a decode step: one pass over every
+linear of the model (layers and LM head, in step order, so weights are cold as in serving) at
+``--concurrency`` rows, on the packed weights and on MKL's GEMM, median of 5 passes.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import time
 import torch
 
 from bench_engine import prompts
+from remp_megatron.linear import _Packable, use_packed_weights
 from remp_megatron.spec import ModelSpec
 from server.python_api import pipeline
 
@@ -30,6 +35,7 @@ def main():
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--gemms", action="store_true", help="also time one pass over the model's GEMMs alone")
     args = p.parse_args()
 
     spec = ModelSpec.from_file(f"{args.model}/config.json")
@@ -77,7 +83,26 @@ def main():
         parts = sorted(kept, key=lambda k: -statistics.median(kept[k]))
         print(f"run {run + 1} ({len(kept['step'])} steps): " +
               ", ".join(f"{k} {statistics.median(kept[k]):.1f}" for k in parts if statistics.median(kept[k]) >= 0.5))
+    if args.gemms:
+        gemm_floor(runner.model, args.concurrency)
     pipe.close()
+
+
+@torch.inference_mode()
+def gemm_floor(model, rows: int) -> None:
+    linears = [m for m in model.modules() if isinstance(m, _Packable)]
+    weights = [m.weight if m.weight is not None else model.shared_embedding_or_output_weight() for m in linears]
+    inputs = [torch.randn(rows, 1, w.shape[1], dtype=w.dtype) for w in weights]
+    for packed in (True, False):
+        use_packed_weights(model, packed)
+        times = []
+        for _ in range(6):  # the first pass warms up
+            t0 = time.perf_counter()
+            for m, x, w in zip(linears, inputs, weights):
+                m._gemm(x, w)
+            times.append(time.perf_counter() - t0)
+        print(f"{len(linears)} GEMMs at {rows} rows, {'packed weights' if packed else 'MKL'}: "
+              f"{statistics.median(times[1:]) * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":
