@@ -4,10 +4,11 @@ Which GEMM is faster for decode-sized batches depends on the CPU (linear.py): on
 weights beat MKL's row-major GEMM at every batch size on the machine linear.py was tuned on (AMD
 EPYC; SmolLM2's 120 layer GEMMs at 1 row 27 vs 41 ms) and lose at one row on another of this
 project's machines (Intel Xeon with AMX: fp32 decode step of 1 sequence 48.8 vs 40.0 ms, while
-winning at 8 and 32 sequences). So each rank measures: per
-step size (tokens, in powers of two) the median time per token of its last 3 steps on each way,
-the fastest runs, another is tried every 16th step of that size (a few % at worst), and the
-choice follows the machine if it changes.
+winning at 8 and 32 sequences). So each rank measures: per step size (tokens, in powers of two)
+the median time per token of its last 3 steps on each way; the fastest runs, another is tried
+every 16th step of that size (a few % at worst), and the choice follows the machine if it
+changes. The ways differ in summation order only (fp32 rounding), so which one ran can differ
+from run to run.
 """
 from __future__ import annotations
 

@@ -24,7 +24,10 @@ _owner: Optional[int] = None
 
 def own_kernel_threads() -> None:
     """Make the calling thread the process's one multi-threaded kernel thread; every thread that
-    runs its first kernel after this call uses one core. Call before any process group exists."""
+    runs its first kernel after this call uses one core. Call before any process group exists.
+    (torch settles a thread's count in its first parallel loop: a thread whose first kernel is an
+    MKL or oneDNN call still gets OMP_NUM_THREADS's count and a team, freed when it ends. Keep
+    such threads short-lived, as a switch's is.)"""
     global _owner
     torch.get_num_threads()  # settles this thread's count now (torch settles a thread's at its first use)
     # torch.set_num_threads sets its caller's count and the count threads settle on later: set the
