@@ -42,5 +42,5 @@ def check_kernel_thread() -> None:
     """Raise unless the caller is the thread ``own_kernel_threads`` chose (or none was chosen)."""
     if _owner is not None and threading.get_ident() != _owner:
         raise RuntimeError(f"model steps run on thread {threading.current_thread().name!r}; they must run on "
-                           "the thread that initialised the rank, the only one with several kernel threads "
-                           "(remp_megatron/threads.py)")
+                           "the thread that initialised the rank (for remp_megatron.pipeline: the thread that "
+                           "created it), the only one with several kernel threads (remp_megatron/threads.py)")

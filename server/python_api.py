@@ -237,5 +237,6 @@ class Pipeline:
 def pipeline(model: Union[str, Path], tp: int = 1, pp: int = 1, nproc: Optional[int] = None, ep: int = 1,
              **engine) -> Pipeline:
     """Serve in this process for scripts and notebooks (no server, no ports). ``engine``: EngineConfig
-    fields (``kv_budget_mb``, ``max_num_seqs``, ...)."""
+    fields (``kv_budget_mb``, ``max_num_seqs``, ...). Call it from the thread that creates it: that
+    thread runs the model's kernels on the configured threads, any other on one (threads.py)."""
     return Pipeline(Path(model).resolve(), tp, pp, nproc or tp * pp, ep, **engine)
