@@ -9,7 +9,7 @@ stored after RoPE.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -69,6 +69,14 @@ def blocks_for_budget(spec: ModelSpec, topo: Topology, block_size: int, budget_b
 class KVCache:
     buffer: torch.Tensor  # [2, local_layers, num_blocks, block_size, local_kv_heads, head_dim]
     first_layer: int  # global 0-based index of local layer 0
+    # Per local layer: K and V by slot [num_blocks*block_size, heads, dim] and by block
+    # [num_blocks, block_size, heads, dim]; views made once (a step asks for them in every layer).
+    _slots: list[tuple[torch.Tensor, torch.Tensor]] = field(init=False, repr=False)
+    _blocks: list[tuple[torch.Tensor, torch.Tensor]] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._blocks = [(self.buffer[0, i], self.buffer[1, i]) for i in range(self.buffer.shape[1])]
+        self._slots = [(k.flatten(0, 1), v.flatten(0, 1)) for k, v in self._blocks]
 
     @classmethod
     def allocate(
@@ -91,6 +99,8 @@ class KVCache:
 
     def layer(self, global_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, V) of one layer as flat slot-addressed views [num_blocks*block_size, heads, dim]."""
-        i = global_layer - self.first_layer
-        k, v = self.buffer[0, i], self.buffer[1, i]
-        return k.flatten(0, 1), v.flatten(0, 1)
+        return self._slots[global_layer - self.first_layer]
+
+    def layer_blocks(self, global_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) of one layer by block [num_blocks, block_size, heads, dim] (views of the same memory)."""
+        return self._blocks[global_layer - self.first_layer]

@@ -14,8 +14,20 @@ from __future__ import annotations
 
 import torch
 from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from .paged_attention import step_rotary
+
+
+def run_decoder(block, hidden_states: torch.Tensor) -> torch.Tensor:
+    """megatron's TransformerBlock.forward at inference: the stage's layers in order, then the final
+    norm where the stage has it, without the block's per-layer contexts and checks (its forward
+    reads the input of a later stage from ``set_input_tensor``; here the caller passes it)."""
+    for layer in block.layers:
+        hidden_states, _ = layer(hidden_states)
+    return hidden_states if block.final_layernorm is None else block.final_layernorm(hidden_states)
 
 
 class InferenceTransformerLayer(TransformerLayer):
@@ -28,9 +40,27 @@ class InferenceTransformerLayer(TransformerLayer):
 
 
 class InferenceSelfAttention(SelfAttention):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Without QK-norm megatron builds IdentityOp norms; with it (Qwen3) both are RMSNorms.
+        self.qk_norm = not isinstance(self.q_layernorm, (IdentityOp, type(None)))
+
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, **_):
-        query, key, value = self.get_query_key_value_tensors(hidden_states)
-        return self.linear_proj(self.core_attention(query, key, value, attention_mask))
+        # megatron's fused QKV output is grouped per KV head: [q_1 .. q_n, k, v] for each group
+        # (topology.py keeps whole groups on each TP rank, so megatron's all-gather case never arises).
+        qkv, _ = self.linear_qkv(hidden_states)
+        groups, dim = self.num_query_groups_per_partition, self.hidden_size_per_attention_head
+        tokens, per_group = qkv.shape[0], self.num_attention_heads_per_partition // groups
+        qkv = qkv.view(tokens, groups, per_group + 2, dim)
+        rotary = step_rotary()
+        if self.qk_norm:  # before RoPE
+            query = rotary(self.q_layernorm(qkv[:, :, :per_group]))
+            key = rotary(self.k_layernorm(qkv[:, :, per_group:per_group + 1]))[:, :, 0]
+        else:
+            qk = rotary(qkv[:, :, :per_group + 1])  # queries and keys rotated in one go
+            query, key = qk[:, :, :per_group], qk[:, :, per_group]
+        out = self.core_attention(query.reshape(tokens, -1, dim), key, qkv[:, :, per_group + 1])
+        return self.linear_proj(out.view(tokens, 1, -1))
 
 
 class InferenceMLP(MLP):

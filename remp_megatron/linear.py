@@ -49,10 +49,13 @@ class _Packable:
         n = rows.shape[0]
         if self.use_packed and self.packed is not None and (weight is self.weight or self.weight is None) \
                 and n <= PACKED_MAX_ROWS:
-            padded = F.pad(rows, (0, 0, 0, (1 << (n - 1).bit_length()) - n))
-            out = torch.ops.mkldnn._linear_pointwise(padded, self.packed, None, "none", [], "")[:n]
+            pad = (1 << (n - 1).bit_length()) - n
+            out = torch.ops.mkldnn._linear_pointwise(F.pad(rows, (0, 0, 0, pad)) if pad else rows, self.packed,
+                                                     None, "none", [], "")
+            if pad:
+                out = out[:n]
         else:
-            out = torch.matmul(rows, weight.t())
+            out = F.linear(rows, weight)  # matmul(rows, weight.t()): the same GEMM
         return out.view(*x.shape[:-1], weight.shape[0])
 
 

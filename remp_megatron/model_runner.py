@@ -18,6 +18,7 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
 )
 
 from .kv_cache import KVCache
+from .layer import run_decoder
 from .linear import (PACKED_MAX_ROWS, has_packed_path, pack_linear, pack_weights, unpacked_linears,
                      use_packed_weights)
 from .model import shared_output_weight
@@ -128,10 +129,9 @@ class ModelRunner:
             shape = (len(mb.token_ids), 1, self.spec.hidden_size)
             hidden = torch.empty(shape, dtype=self.spec.torch_dtype, device=self.device)
             dist.recv(hidden, src=self.prev_rank, tag=tag)
-            self.model.set_input_tensor([hidden])
         rotary = Rotary.of(self.rope[meta.positions], self.rope_mscale, self.spec.torch_dtype)
-        with forward_context(meta, self.kv, rotary):  # RoPE is applied in PagedAttention
-            out = self.model.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=None)
+        with forward_context(meta, self.kv, rotary):  # RoPE is applied by the layers' attention
+            out = run_decoder(self.model.decoder, hidden)
         return out.contiguous()
 
 

@@ -1,11 +1,11 @@
 """Paged attention as megatron-core's ``core_attention``.
 
-Megatron's ``SelfAttention`` keeps doing what it does well (fused QKV projection, GQA split,
-QK-norm, TP row/column linears); this module replaces the attention kernel: it applies RoPE to
-this step's queries and keys (cos/sin per token position, taken once per step for all layers),
-writes K/V into the paged cache and attends all sequences over their cached tokens in one
-batched SDPA call per group (decodes, prefill chunks), keys gathered by block table.
-Flash-attn's block-table kernels are CUDA-only; this is plain torch.
+Megatron's ``SelfAttention`` keeps its fused QKV projection, QK-norm and TP row/column linears
+(its inference forward, ``layer.py``, splits the heads and applies this step's RoPE, ``Rotary``:
+cos/sin per token position, taken once per step for all layers); this module replaces the
+attention kernel: it writes K/V into the paged cache and attends all sequences over their
+cached tokens in one batched SDPA call per group (decodes, prefill chunks), keys gathered by
+block table. Flash-attn's block-table kernels are CUDA-only; this is plain torch.
 
 The step's metadata and rotary reach every layer through ``forward_context`` (set by the model
 runner around one stage forward), the way vLLM passes its attention metadata.
@@ -37,6 +37,7 @@ class AttentionGroup:
     mask: torch.Tensor  # [B, 1, Qmax, W * block_size] 0 where a query may attend, -inf elsewhere
     window_mask: Optional[torch.Tensor] = None  # the mask of sliding-window layers
     whole: bool = False  # the step's only group, one query per sequence: q_index, valid and rows are 0..B-1
+    first_block: Optional[int] = None  # one sequence whose blocks are consecutive from here: keys read in place
 
 
 @dataclass
@@ -87,11 +88,15 @@ class AttentionMetadata:
             in_window = None if window is None else allowed & ((k > qpos_rows - window) | ~q_valid[:, :, None])
             q_index = torch.where(q_valid, offset[rows, None] + q, 0).flatten()
             valid_q = q_valid.flatten().nonzero()[:, 0]
+            first = None
+            if len(rows) == 1:  # a lone sequence's blocks are often consecutive (free ones are handed out in order)
+                own = block_tables[int(rows[0])][:blocks]
+                first = own[0] if own == list(range(own[0], own[0] + blocks)) else None
             groups.append(AttentionGroup(
                 q_index.to(device), valid_q.to(device), q_index[valid_q].to(device),
                 table[rows, :blocks].flatten().to(device), _additive(allowed, dtype, device),
                 None if in_window is None else _additive(in_window, dtype, device),
-                whole=qmax == 1 and len(rows) == len(starts)))
+                whole=qmax == 1 and len(rows) == len(starts), first_block=first))
         return cls(positions.to(device), slot_mapping.to(device), groups, block_size,
                    frozenset(window_layers) if window is not None else frozenset())
 
@@ -105,19 +110,22 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor
 @dataclass
 class Rotary:
     """RoPE of one step's tokens, cos and sin computed once for every layer ([T, 1, 1, dim], the
-    model's dtype): megatron's unfused rotary (``t * cos + rotate_half(t) * sin``, same bits),
-    which would take cos and sin of the angles again in every layer, for queries and keys."""
+    model's dtype), applied by the attention to [T, groups, heads, dim] query and key heads.
+    Megatron's unfused rotary is ``t * cos + rotate_half(t) * sin`` with rotate_half(t) =
+    [-t2, t1]; here [t2, t1] (one ``roll``) times sin with its first half negated: the same
+    products, bit for bit, in fewer ops (megatron would also take cos and sin again in every layer)."""
 
     cos: torch.Tensor
-    sin: torch.Tensor
+    sin: torch.Tensor  # first half negated
 
     @classmethod
     def of(cls, angles: torch.Tensor, mscale: float, dtype: torch.dtype) -> "Rotary":
-        return cls((torch.cos(angles) * mscale).to(dtype), (torch.sin(angles) * mscale).to(dtype))
+        sin = (torch.sin(angles) * mscale).to(dtype)
+        half = sin.shape[-1] // 2
+        return cls((torch.cos(angles) * mscale).to(dtype), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1))
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        x1, x2 = torch.chunk(t, 2, dim=-1)
-        return t * self.cos + torch.cat((-x2, x1), dim=-1) * self.sin
+        return t * self.cos + t.roll(t.shape[-1] // 2, -1) * self.sin
 
 
 @dataclass
@@ -132,7 +140,8 @@ _current: Optional[_Context] = None
 
 @contextlib.contextmanager
 def forward_context(meta: AttentionMetadata, kv: KVCache, rotary: Optional[Rotary] = None) -> Iterator[None]:
-    """``rotary``: applied to queries and keys here (the model then gets no rotary_pos_emb)."""
+    """``rotary``: the step's RoPE, applied by the layers' attention (``step_rotary``); the model
+    then gets no rotary_pos_emb."""
     global _current
     _current, saved = _Context(meta, kv, rotary), _current
     try:
@@ -141,56 +150,71 @@ def forward_context(meta: AttentionMetadata, kv: KVCache, rotary: Optional[Rotar
         _current = saved
 
 
+def step_rotary() -> Rotary:
+    assert _current is not None and _current.rotary is not None, "no step RoPE: run inside forward_context(.., rotary)"
+    return _current.rotary
+
+
 class PagedAttention(torch.nn.Module):
-    """Drop-in for megatron's DotProductAttention in a layer spec (same constructor)."""
+    """In megatron's layer spec in place of DotProductAttention (same constructor); layer.py's
+    attention calls it with its heads split and rotated."""
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type, softmax_scale=None, **_):
         super().__init__()
         self.layer_number = layer_number  # global, 1-based
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
-        # query [T, 1, heads, dim]; key/value [T, 1, kv_heads, dim]; positions are per token.
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """query [T, heads, dim], key/value [T, kv_heads, dim], RoPE applied -> [T, heads * dim]."""
         ctx = _current
         assert ctx is not None, "PagedAttention called outside forward_context()"
         meta = ctx.meta
-        if ctx.rotary is not None:
-            query, key = ctx.rotary(query), ctx.rotary(key)
         k_cache, v_cache = ctx.kv.layer(self.layer_number - 1)
-        k_cache.index_copy_(0, meta.slot_mapping, key[:, 0])
-        v_cache.index_copy_(0, meta.slot_mapping, value[:, 0])
-        k_blocks, v_blocks = (c.unflatten(0, (-1, meta.block_size)) for c in (k_cache, v_cache))
+        k_cache.index_copy_(0, meta.slot_mapping, key)
+        v_cache.index_copy_(0, meta.slot_mapping, value)
+        k_blocks, v_blocks = ctx.kv.layer_blocks(self.layer_number - 1)
 
-        q_packed = query[:, 0]
-        out = None
-        heads, kv_heads = q_packed.shape[1], k_cache.shape[1]
+        tokens, heads, dim = query.shape
+        kv_heads = key.shape[1]
         windowed = self.layer_number - 1 in meta.window_layers
+        out = None
         for g in meta.groups:  # one SDPA per group for all its sequences
             mask = g.window_mask if windowed else g.mask
-            b, qmax, lmax = mask.shape[0], mask.shape[2], mask.shape[3]
+            b, qmax, width = mask.shape[0], mask.shape[2], mask.shape[3]
 
-            def gather(x: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:  # -> [B, heads, n, dim]
-                # index_select along dim 0 (rows or whole blocks): CPU advanced indexing is ~10x slower.
-                return x.index_select(0, index).to(mask.dtype).view(b, n, *x.shape[-2:]).transpose(1, 2)
+            def keys(blocks: torch.Tensor) -> torch.Tensor:  # -> [B, kv_heads, width, dim]
+                if g.first_block is not None:
+                    x = blocks.narrow(0, g.first_block, width // meta.block_size)
+                else:  # whole blocks along dim 0: CPU advanced indexing is ~10x slower than index_select
+                    x = blocks.index_select(0, g.kv_blocks)
+                if x.dtype != mask.dtype:
+                    x = x.to(mask.dtype)
+                return x.view(b, width, kv_heads, dim).transpose(1, 2)
 
-            k, v = gather(k_blocks, g.kv_blocks, lmax), gather(v_blocks, g.kv_blocks, lmax)
+            k, v = keys(k_blocks), keys(v_blocks)
             # A decode-only step's queries already are in the group's order: no gather, no scatter.
-            q_rows = q_packed if g.whole else q_packed.index_select(0, g.q_index)
+            q = query if g.whole else query.index_select(0, g.q_index)
+            if q.dtype != mask.dtype:
+                q = q.to(mask.dtype)
             if qmax == 1 and mask.dtype == torch.bfloat16:
                 # bf16 decodes: a KV head's query heads as that many query rows of one head (as HF
                 # does): CPU SDPA's bf16 kernel is ~4x slower on one query row per head with GQA
                 # (B=32: 4.8 vs 1.3 ms a layer). In fp32 the GQA call is a few % faster.
-                q = q_rows.to(mask.dtype).reshape(b, kv_heads, heads // kv_heads, -1)
+                q = q.reshape(b, kv_heads, heads // kv_heads, dim)
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
-                o = o.reshape(b, heads, -1).to(q_packed.dtype)
+            elif qmax == 1:  # [B, heads, 1, dim]: the query axis needs no transposing
+                o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=self.softmax_scale,
+                                                   enable_gqa=True)
             else:
-                q = q_rows.to(mask.dtype).reshape(b, qmax, heads, -1).transpose(1, 2)
+                q = q.reshape(b, qmax, heads, dim).transpose(1, 2)
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale, enable_gqa=True)
-                o = o.transpose(1, 2).reshape(b * qmax, heads, -1).to(q_packed.dtype)
+                o = o.transpose(1, 2)
+            o = o.reshape(b * qmax, heads * dim)
+            if o.dtype != query.dtype:
+                o = o.to(query.dtype)
             if g.whole:
-                return o.reshape(o.shape[0], 1, -1)
+                return o
             if out is None:
-                out = torch.empty_like(q_packed)
+                out = query.new_empty(tokens, heads * dim)
             out.index_copy_(0, g.rows, o if qmax == 1 else o.index_select(0, g.valid))
-        return out.reshape(out.shape[0], 1, -1)
+        return out

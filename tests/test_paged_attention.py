@@ -24,7 +24,7 @@ def reference(query, k_cache, v_cache, starts, lens, tables, window=None):
     for start, n, table in zip(starts, lens, tables):
         pos = torch.arange(start + n)
         slots = torch.tensor(table)[pos // BLOCK] * BLOCK + pos % BLOCK
-        q = query[row:row + n, 0].transpose(0, 1)
+        q = query[row:row + n].transpose(0, 1)
         mask = pos[None, :] <= pos[start:, None]
         if window is not None:  # HF's sliding window: keys in (p - window, p]
             mask &= pos[None, :] > pos[start:, None] - window
@@ -40,16 +40,20 @@ def reference(query, k_cache, v_cache, starts, lens, tables, window=None):
     ([12, 0, 30, 8, 1], [1, 1, 1, 1, 1]),  # decodes only, ragged contexts (one of length 1)
     ([16, 4], [6, 12]),  # later prefill chunks only
     ([0], [1]),
+    ([37], [1]),  # a lone decode over three blocks
+    ([20, 0], [1, 9]),  # a lone decode and a lone prefill chunk: two groups of one
 ])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_batched_equals_per_sequence(starts, lens, window, dtype):
+@pytest.mark.parametrize("blocks", ["scattered", "consecutive"])
+def test_batched_equals_per_sequence(starts, lens, window, dtype, blocks):
     """fp64: the same math in another summation order, rounding only (1e-12). bf16 (its decodes
     take their own SDPA call): within two bf16 roundings (unit roundoff 2^-8) of max|v| — the
     probabilities and the output; scores accumulate in fp32 — of the fp64 result on the same
     bf16 inputs (measured: 0.23 of that)."""
     g = torch.Generator().manual_seed(sum(starts) + len(lens))
-    perm = torch.randperm(BLOCKS, generator=g).tolist()  # scattered physical blocks
+    # Scattered physical blocks, or in order (a lone sequence then attends on its blocks in place).
+    perm = torch.randperm(BLOCKS, generator=g).tolist() if blocks == "scattered" else list(range(3, BLOCKS))
     tables, used = [], 0
     for start, n in zip(starts, lens):
         need = -(-(start + n) // BLOCK)
@@ -64,18 +68,20 @@ def test_batched_equals_per_sequence(starts, lens, window, dtype):
         k_cache[slots] = torch.randn(start, KV_HEADS, DIM, generator=g, dtype=torch.float64).to(dtype)
         v_cache[slots] = torch.randn(start, KV_HEADS, DIM, generator=g, dtype=torch.float64).to(dtype)
     t = sum(lens)
-    q, k, v = (torch.randn(t, 1, h, DIM, generator=g, dtype=torch.float64).to(dtype) for h in (HEADS, KV_HEADS, KV_HEADS))
+    q, k, v = (torch.randn(t, h, DIM, generator=g, dtype=torch.float64).to(dtype) for h in (HEADS, KV_HEADS, KV_HEADS))
 
     # With a window, layer 0 slides and layer 1 (same cache contents) attends to everything.
     meta = AttentionMetadata.build(starts, lens, tables, BLOCK, torch.device("cpu"), window, (0,), dtype)
     assert meta.positions.tolist() == [p for s, n in zip(starts, lens) for p in range(s, s + n)]
+    if blocks == "consecutive":  # every lone sequence reads its keys in place, the others gather
+        assert [g.first_block is not None for g in meta.groups] == [len(g.mask) == 1 for g in meta.groups]
     kv1 = KVCache(kv.buffer.expand(2, 2, *kv.buffer.shape[2:]).clone(), first_layer=0)
     with forward_context(meta, kv1):
-        got = PagedAttention(_Cfg, 1, None, None)(q, k, v, None)
-        full = PagedAttention(_Cfg, 2, None, None)(q, k, v, None)
+        got = PagedAttention(_Cfg, 1, None, None)(q, k, v)
+        full = PagedAttention(_Cfg, 2, None, None)(q, k, v)
     caches = [[c.double() for c in kv1.layer(i)] for i in (0, 1)]
     want = reference(q.double(), *caches[0], starts, lens, tables, window)
-    assert got.shape == (t, 1, HEADS * DIM) and got.dtype == dtype
+    assert got.shape == (t, HEADS * DIM) and got.dtype == dtype
     atol = 1e-12 if dtype == torch.float64 else 2 * 2 ** -8 * max(c.abs().max().item() for c in (caches[0][1], v))
     torch.testing.assert_close(got.reshape(t, HEADS, DIM).double(), want, rtol=0, atol=atol)
     torch.testing.assert_close(full.reshape(t, HEADS, DIM).double(),

@@ -39,15 +39,15 @@ def test_only_the_owning_thread_runs_kernels_on_several_cores():
 
 
 def test_a_pipeline_allowed_two_threads_steps_on_two_tries_both_gemms_and_gives_hfs_tokens(llama_mg, llama_hf):
-    """The decoder's thread count at every step (a forward pre-hook), another thread's count once
-    the model is loaded and served, and the tokens, which must equal HF generate's (the output
-    layer packed)."""
+    """The thread count at every step (a forward pre-hook on the first layer), another thread's
+    count once the model is loaded and served, and the tokens, which must equal HF generate's
+    (the output layer packed)."""
     script = ("import json, sys, threading, torch, remp_megatron\n"
               "torch.set_num_threads(2)\n"
               "seen = []\n"
               "with remp_megatron.pipeline(sys.argv[1]) as pipe:\n"
               "    model = pipe.engine.worker.runner.model\n"
-              "    model.decoder.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))\n"
+              "    model.decoder.layers[0].register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))\n"
               "    paths = set()\n"
               "    model.output_layer.register_forward_pre_hook(lambda m, _: paths.add(m.use_packed))\n"
               "    out = pipe([[5, 6, 7], [9, 10, 11, 12, 13, 14]], max_new_tokens=40)\n"
