@@ -5,7 +5,8 @@ Same classes underneath (parameters, submodules, checkpoint keys, resharding unc
 residual adds. Megatron's forwards serve training and every inference mode (recompute, offload,
 cross-attention, flash-decode, fused RoPE, CUDA graphs): per layer they import, enter context
 managers and test ~40 flags. Running the serving path alone took a SmolLM2 fp32 decode step of
-one sequence from 39.5 to 36.7 ms on CPU (~0.09 ms a layer). RoPE, the KV cache and masking live
+one sequence from 39.5 to 36.7 ms on CPU (~0.09 ms a layer). The attention splits the fused QKV
+into heads and applies the step's RoPE (``paged_attention.Rotary``); the KV cache and masking live
 in ``PagedAttention``. Configs needing what this path leaves out (attention output gates, an
 ungated MLP, biases on the output and MLP linears, GLU clamps or offsets, NoPE layers, fused
 activations) are refused when the model is built.

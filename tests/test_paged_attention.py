@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from remp_megatron.kv_cache import KVCache
-from remp_megatron.paged_attention import AttentionMetadata, PagedAttention, forward_context
+from remp_megatron.paged_attention import AttentionMetadata, PagedAttention, Rotary, forward_context
+from remp_megatron.rope import RopeScaling, angle_table
 
 HEADS, KV_HEADS, DIM, BLOCK, BLOCKS = 8, 4, 16, 4, 64
 
@@ -86,3 +87,16 @@ def test_batched_equals_per_sequence(starts, lens, window, dtype, blocks):
     torch.testing.assert_close(got.reshape(t, HEADS, DIM).double(), want, rtol=0, atol=atol)
     torch.testing.assert_close(full.reshape(t, HEADS, DIM).double(),
                                reference(q.double(), *caches[1], starts, lens, tables), rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mscale", [1.0, 1.3])  # 1.3: a YaRN attention factor
+def test_rotary_is_megatrons_unfused_rotary_bit_for_bit(dtype, mscale):
+    """Rotary's roll and pre-negated sin give megatron's t*cos + rotate_half(t)*sin exactly, on
+    [tokens, groups, heads, dim] (queries and keys rotated together)."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    g = torch.Generator().manual_seed(0)
+    angles = angle_table(RopeScaling(), DIM, 10000.0, 512)[torch.randint(0, 512, (24,), generator=g)]
+    t = torch.randn(24, KV_HEADS, 3, DIM, generator=g).to(dtype)
+    assert torch.equal(Rotary.of(angles, mscale, dtype)(t), _apply_rotary_pos_emb_bshd(t, angles, mscale=mscale))
