@@ -18,7 +18,7 @@ from .model_runner import ModelRunner
 from .output import OutputProcessor
 from .reconfigure import MODES, Fault, PrestageOrder, ReconfigureOrder, RolledBack, Timeline
 from .request import FinishReason, Request, RequestHandle, Sequence, SequenceState, StepOutput
-from .sampler import sample_one
+from .sampler import sample
 from .scheduler import Load, Scheduled, Scheduler, SchedulerConfig, StepPlan
 from .topology import Topology
 from .worker import Prestage, PrestageKV, PrestageRounds, Reconfigure, Step, Stop, Worker
@@ -145,16 +145,17 @@ class Engine:
 
     def _postprocess(self, scheduled: list[Scheduled], logits) -> None:
         """Advance each sequence's KV position; sample, stream and finish where a chunk ended."""
-        rows = iter(logits if logits is not None else ())
+        sampled = [s.seq for s in scheduled if s.sample]  # in the order of the logits' rows
+        tokens = iter(sample(logits, [(q.params, q.seed, len(q.output)) for q in sampled]) if sampled else ())
         for s in scheduled:
-            row = next(rows) if s.sample else None
             seq = s.seq
+            token = next(tokens) if s.sample else None
             if seq.request_id not in self._seqs:  # cancelled while the step ran
                 continue
             seq.num_computed = s.start + s.n
-            if row is None:
+            if token is None:
                 continue
-            out = self.output.append(seq, sample_one(row, seq.params, seq.seed, len(seq.output)))
+            out = self.output.append(seq, token)
             self._handles[seq.request_id].put(out)
             if out.finished:
                 self._finish(seq, out.finish_reason, emit=False)

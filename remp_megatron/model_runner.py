@@ -113,7 +113,8 @@ class ModelRunner:
             work.wait()
         if not is_driver:
             return None
-        return torch.cat(from_last or results).cpu()
+        parts = from_last or results
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).cpu()  # one micro-batch: no copy
 
     def pack_some(self) -> None:
         """Pack the next unpacked linears, at least one, for up to ``_PACK_SECONDS_PER_STEP``."""

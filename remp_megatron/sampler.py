@@ -17,10 +17,24 @@ def token_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * _MIX + index) % (1 << 63))
 
 
-def sample_one(logits: torch.Tensor, params: SamplingParams, seed: int, index: int) -> int:
-    """Pick the next token from one row of fp32 logits [vocab]."""
-    if params.greedy:
-        return int(logits.argmax())
+def sample(logits: torch.Tensor, rows: list[tuple[SamplingParams, int, int]]) -> list[int]:
+    """The next token of each row of fp32 logits [rows, vocab], given its (params, seed, index of
+    the output token). Greedy rows take one reduction together: ``max`` over the batch, which on
+    CPU is ~5x faster than one ``argmax`` per row (both return the first of tied maxima)."""
+    greedy = [i for i, (params, _, _) in enumerate(rows) if params.greedy]
+    tokens = [0] * len(rows)
+    if greedy:
+        picked = (logits if len(greedy) == len(rows) else logits[greedy]).max(-1).indices.tolist()
+        for i, token in zip(greedy, picked):
+            tokens[i] = token
+    for i, (params, seed, index) in enumerate(rows):
+        if not params.greedy:
+            tokens[i] = _sample_random(logits[i], params, seed, index)
+    return tokens
+
+
+def _sample_random(logits: torch.Tensor, params: SamplingParams, seed: int, index: int) -> int:
+    """Draw from one row [vocab] at ``params.temperature`` (> 0), within top-k and top-p."""
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]

@@ -1,23 +1,30 @@
 """gRPC front end (in the `remp serve` process): the Inference and Admin services, translated
 onto the transport-neutral ``Service`` (service.py).
 
-RPC threads only add, cancel and read; the engine runs in its own processes. A reconfiguration
-pauses the engine at a step boundary, and an engine restart re-admits what was running, so
-requests arriving meanwhile queue and streams in flight just see a gap in tokens.
+On grpc.aio: one event loop thread serves every stream. Engine outputs reach it through a
+non-blocking sink (``AsyncRun``), so a token costs no thread hand-offs (the sync server ran a
+thread per stream: each token woke the link thread, the stream's thread and the completion
+queue's, most of the front end's CPU). Admin calls that wait on the engine core (a switch's
+events, the policy's reply) wait in worker threads. A reconfiguration pauses the engine at a
+step boundary, and an engine restart re-admits what was running, so requests arriving
+meanwhile queue and streams in flight just see a gap in tokens.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
-from concurrent import futures
+import threading
+from typing import Optional
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .api import pb, pb_grpc
 from .config import ServerConfig
-from .service import ApiError, ErrorKind, Service, invalid
+from .service import ApiError, AsyncRun, ErrorKind, Service, invalid
 
 GRPC_CODES = {
     ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT, ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
@@ -32,20 +39,62 @@ _PARAM_NAMES = {f: f"params.{f}" for f in (*_PARAM_FIELDS, "stop", "stop_token_i
 def _abort_on_api_error(method):
     """An ApiError ends the RPC with its status code and message."""
     @functools.wraps(method)
-    def unary(self, request, context):
+    async def unary(self, request, context):
         try:
-            return method(self, request, context)
+            return await method(self, request, context)
         except ApiError as e:
-            context.abort(GRPC_CODES[e.kind], e.message)
+            await context.abort(GRPC_CODES[e.kind], e.message)
 
     @functools.wraps(method)
-    def streaming(self, request, context):
+    async def streaming(self, request, context):
         try:
-            yield from method(self, request, context)
+            async for item in method(self, request, context):
+                yield item
         except ApiError as e:
-            context.abort(GRPC_CODES[e.kind], e.message)
+            await context.abort(GRPC_CODES[e.kind], e.message)
 
-    return streaming if inspect.isgeneratorfunction(method) else unary
+    return streaming if inspect.isasyncgenfunction(method) else unary
+
+
+class _Malformed:
+    def __init__(self, why: str):
+        self.why = why
+
+
+class _MalformedRequests(grpc.aio.ServerInterceptor):
+    """A request message that does not parse ends its RPC with INVALID_ARGUMENT naming the method and
+    the parser's complaint (grpc.aio itself answers UNKNOWN and logs a traceback)."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse, method = handler.request_deserializer, details.method
+
+        def lenient(data: bytes):
+            try:
+                return parse(data)
+            except DecodeError as e:
+                return _Malformed(f"{method}: the request message does not parse: {e}")
+
+        if handler.response_streaming:
+            behaviour = handler.unary_stream
+
+            async def unary_stream(request, context):
+                if isinstance(request, _Malformed):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.why)
+                async for item in behaviour(request, context):
+                    yield item
+
+            return handler._replace(request_deserializer=lenient, unary_stream=unary_stream)
+        behaviour = handler.unary_unary
+
+        async def unary_unary(request, context):
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.why)
+            return await behaviour(request, context)
+
+        return handler._replace(request_deserializer=lenient, unary_unary=unary_unary)
 
 
 class Frontend(pb_grpc.InferenceServicer, pb_grpc.AdminServicer):
@@ -54,57 +103,59 @@ class Frontend(pb_grpc.InferenceServicer, pb_grpc.AdminServicer):
 
     # ---- Inference --------------------------------------------------------------------
     @_abort_on_api_error
-    def Generate(self, request, context):
-        handle = self.service.submit(self._to_request(request))
-        context.add_callback(lambda: self.service.cancel(handle.request_id))
-        done = handle.result()
-        if done.error:
-            raise ApiError(ErrorKind.UNAVAILABLE, done.error)
-        self.service.observe(handle, done.finish_reason.value)
+    async def Generate(self, request, context):
+        run = self._submit(request)
+        ids, text, reason = [], "", ""
+        try:  # an RPC that ends early (client gone) is cancelled here: so is the request, freeing its KV blocks
+            async for _, out in run:
+                ids += out.token_ids
+                text += out.text
+                reason = out.finish_reason.value if out.finished else reason
+        finally:
+            run.cancel()
+        handle = run.handles[0]
         ttft = handle.token_times[0] - handle.arrival if handle.token_times else 0.0
-        return pb.GenerateResponse(request_id=handle.request_id, token_ids=done.token_ids, text=done.text,
-                                   finish_reason=done.finish_reason.value, ttft_s=ttft,
-                                   usage=pb.Usage(prompt_tokens=handle.prompt_tokens,
-                                                  completion_tokens=len(done.token_ids)))
+        return pb.GenerateResponse(request_id=handle.request_id, token_ids=ids, text=text, finish_reason=reason,
+                                   ttft_s=ttft, usage=pb.Usage(prompt_tokens=handle.prompt_tokens,
+                                                               completion_tokens=len(ids)))
 
     @_abort_on_api_error
-    def GenerateStream(self, request, context):
-        handle = self.service.submit(self._to_request(request))
-        # Client gone (or RPC over for any reason): cancel now, freeing its KV blocks.
-        context.add_callback(lambda: self.service.cancel(handle.request_id))
-        for out in handle:
-            if out.error:
-                raise ApiError(ErrorKind.UNAVAILABLE, out.error)
-            yield pb.GenerateChunk(request_id=out.request_id, token_ids=out.token_ids, text=out.text,
-                                   finished=out.finished,
-                                   finish_reason=out.finish_reason.value if out.finish_reason else "",
-                                   usage=pb.Usage(prompt_tokens=out.prompt_tokens,
-                                                  completion_tokens=out.completion_tokens))
-            if out.finished:
-                self.service.observe(handle, out.finish_reason.value)
+    async def GenerateStream(self, request, context):
+        run = self._submit(request)
+        try:
+            async for _, out in run:
+                yield pb.GenerateChunk(request_id=out.request_id, token_ids=out.token_ids, text=out.text,
+                                       finished=out.finished,
+                                       finish_reason=out.finish_reason.value if out.finish_reason else "",
+                                       usage=pb.Usage(prompt_tokens=out.prompt_tokens,
+                                                      completion_tokens=out.completion_tokens))
+        finally:
+            run.cancel()
 
-    def Cancel(self, request, context):
+    async def Cancel(self, request, context):
         return pb.CancelResponse(cancelled=self.service.cancel(request.request_id))
 
     # ---- Admin ------------------------------------------------------------------------
     @_abort_on_api_error
-    def Reconfigure(self, request, context):
+    async def Reconfigure(self, request, context):
         self._authorize(context)
-        events = self.service.reconfigure(request.tp, request.pp, request.mode, request.inject_fault, request.ep or 1)
-        yield from events
+        events = await asyncio.to_thread(self.service.reconfigure, request.tp, request.pp, request.mode,
+                                         request.inject_fault, request.ep or 1)
+        while (event := await asyncio.to_thread(next, events, None)) is not None:
+            yield event
 
     @_abort_on_api_error
-    def SetPolicy(self, request, context):
+    async def SetPolicy(self, request, context):
         self._authorize(context)
-        return self.service.set_policy(request.enabled)
+        return await asyncio.to_thread(self.service.set_policy, request.enabled)
 
     @_abort_on_api_error
-    def GetStatus(self, request, context):
+    async def GetStatus(self, request, context):
         self._authorize(context)
         return self.service.status()
 
     @_abort_on_api_error
-    def Shutdown(self, request, context):
+    async def Shutdown(self, request, context):
         self._authorize(context)
         self.service.request_shutdown()
         return pb.ShutdownResponse()
@@ -112,6 +163,11 @@ class Frontend(pb_grpc.InferenceServicer, pb_grpc.AdminServicer):
     # ---- internals --------------------------------------------------------------------
     def _authorize(self, context) -> None:
         self.service.authorize(dict(context.invocation_metadata()).get("authorization"))
+
+    def _submit(self, request) -> AsyncRun:
+        run = AsyncRun(self.service, asyncio.get_running_loop())
+        run.submit([self._to_request(request)])
+        return run
 
     def _to_request(self, request):
         svc = self.service
@@ -131,39 +187,58 @@ class Frontend(pb_grpc.InferenceServicer, pb_grpc.AdminServicer):
         return svc.make_request(ids, params, request.request_id or svc.new_id("req"), _PARAM_NAMES)
 
 
-class Health:
-    """The standard gRPC health service for the server and each of its services: SERVING only while
-    the engine serves (NOT_SERVING while it starts or restarts)."""
+class GrpcServer:
+    """The grpc.aio server on its own event loop thread; the methods are called from other threads.
+    Health is the standard gRPC health service for the server and each of its services: SERVING
+    only while the engine serves (NOT_SERVING while it starts or restarts)."""
 
-    def __init__(self, servicer: health.HealthServicer, names: list[str]):
-        self.servicer, self.names = servicer, ["", *names]
-        self.set_all(False)
+    def __init__(self, frontend: Frontend, cfg: ServerConfig):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="grpc", daemon=True)
+        self._thread.start()
+        self.names = ["", *(pb.DESCRIPTOR.services_by_name[s].full_name for s in ("Inference", "Admin"))]
+        self.server: Optional[grpc.aio.Server] = None
+        self.health = None
+        self._health_lock: Optional[asyncio.Lock] = None  # one status change at a time, in call order
+        self.port = self._run(self._start(frontend, cfg), 30)
 
-    def set_all(self, serving: bool) -> None:
+    async def _start(self, frontend: Frontend, cfg: ServerConfig) -> int:
+        opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_message_bytes)]
+        self.server = server = grpc.aio.server(interceptors=[_MalformedRequests()], options=opts)
+        pb_grpc.add_InferenceServicer_to_server(frontend, server)
+        pb_grpc.add_AdminServicer_to_server(frontend, server)
+        self.health, self._health_lock = health.aio.HealthServicer(), asyncio.Lock()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        await self._set_all(False)
+        reflection.enable_server_reflection([*self.names[1:], health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        addr = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert and cfg.tls_key:
+            creds = grpc.ssl_server_credentials([(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())])
+            port = server.add_secure_port(addr, creds)
+        else:
+            port = server.add_insecure_port(addr)
+        await server.start()
+        return port
+
+    def _run(self, coro, timeout: Optional[float] = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _set_all(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in self.names:
-            self.servicer.set(name, status)
+        async with self._health_lock:
+            for name in self.names:
+                await self.health.set(name, status)
+
+    def set_serving(self, serving: bool) -> None:
+        """Any thread; does not wait (the link thread calls it). Calls take effect in order."""
+        asyncio.run_coroutine_threadsafe(self._set_all(serving), self.loop)
 
     def enter_graceful_shutdown(self) -> None:
-        self.servicer.enter_graceful_shutdown()
+        self._run(self.health.enter_graceful_shutdown())
 
-
-def start_grpc(frontend: Frontend, cfg: ServerConfig) -> tuple[grpc.Server, int, Health]:
-    opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
-            ("grpc.max_send_message_length", cfg.max_message_bytes)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=128), options=opts)
-    pb_grpc.add_InferenceServicer_to_server(frontend, server)
-    pb_grpc.add_AdminServicer_to_server(frontend, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [pb.DESCRIPTOR.services_by_name[s].full_name for s in ("Inference", "Admin")]
-    status = Health(health_servicer, names)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    addr = f"{cfg.host}:{cfg.port}"
-    if cfg.tls_cert and cfg.tls_key:
-        creds = grpc.ssl_server_credentials([(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())])
-        port = server.add_secure_port(addr, creds)
-    else:
-        port = server.add_insecure_port(addr)
-    server.start()
-    return server, port, status
+    def stop(self, grace: float) -> None:
+        """Streams still open get ``grace`` seconds to deliver their last chunk."""
+        self._run(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)

@@ -32,7 +32,7 @@ from remp_megatron.request import StepOutput
 
 from .config import ServerConfig
 from .openai_protocol import PARAM_NAMES, ChatCompletionRequest, CompletionRequest, PolicyBody, ReconfigureBody
-from .service import ApiError, ErrorKind, Service
+from .service import ApiError, AsyncRun, ErrorKind, Service
 
 log = logging.getLogger("remp.http")
 
@@ -54,45 +54,6 @@ def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-class _Run:
-    """The engine requests behind one HTTP request (one per prompt), read on the event loop."""
-
-    def __init__(self, service: Service, loop: asyncio.AbstractEventLoop):
-        self.service, self.loop = service, loop
-        self.outputs: asyncio.Queue[tuple[int, StepOutput]] = asyncio.Queue()
-        self.handles = []
-
-    def submit(self, requests) -> None:
-        """All or nothing: if one is refused (queue full...), those already admitted are cancelled."""
-        try:
-            for i, req in enumerate(requests):
-                self.handles.append(self.service.submit(req, lambda out, i=i: self._deliver(i, out)))
-        except ApiError:
-            self.cancel()
-            raise
-
-    def _deliver(self, i: int, out: StepOutput) -> None:  # on the engine thread
-        try:
-            self.loop.call_soon_threadsafe(self.outputs.put_nowait, (i, out))
-        except RuntimeError:  # the event loop is closed (server stopping): nobody is reading
-            pass
-
-    async def __aiter__(self) -> AsyncIterator[tuple[int, StepOutput]]:
-        pending = len(self.handles)
-        while pending:
-            i, out = await self.outputs.get()
-            if out.error:
-                raise ApiError(ErrorKind.UNAVAILABLE, out.error)
-            if out.finished:
-                pending -= 1
-                self.service.observe(self.handles[i], out.finish_reason.value)
-            yield i, out
-
-    def cancel(self) -> None:
-        for h in self.handles:  # False (harmless) for the ones already finished
-            self.service.cancel(h.request_id)
-
-
 async def _until_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -102,7 +63,7 @@ class _ClientGone(Exception):
     pass
 
 
-async def _unless_disconnected(request: Request, run: _Run, work):
+async def _unless_disconnected(request: Request, run: AsyncRun, work):
     """Await ``work``; if the client goes away first, cancel the run (its KV blocks are freed) and
     raise _ClientGone (answered 499, which nobody reads)."""
     task, gone = asyncio.ensure_future(work), asyncio.ensure_future(_until_disconnect(request))
@@ -176,7 +137,7 @@ def build_app(service: Service, model_name: str) -> FastAPI:
             # OpenAI's default for completions is 16 tokens.
             params = body.sampling(body.max_tokens or min(16, service.cfg.max_new_tokens))
             reqs.append(service.make_request(ids, params, f"{rid}-{i}", PARAM_NAMES))
-        run = _Run(service, asyncio.get_running_loop())
+        run = AsyncRun(service, asyncio.get_running_loop())
         run.submit(reqs)
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
         if body.stream:
@@ -195,7 +156,7 @@ def build_app(service: Service, model_name: str) -> FastAPI:
         params = body.sampling(body.max_new_tokens or service.default_max_new_tokens(len(ids)))
         names = {**PARAM_NAMES, "prompt": "messages",
                  "max_new_tokens": "max_completion_tokens" if body.max_completion_tokens else "max_tokens"}
-        run = _Run(service, asyncio.get_running_loop())
+        run = AsyncRun(service, asyncio.get_running_loop())
         run.submit([service.make_request(ids, params, rid, names)])
         head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name}
         if body.stream:
@@ -246,7 +207,7 @@ def _reason(out: StepOutput) -> Optional[str]:
     return out.finish_reason.value if out.finished else None
 
 
-async def _collect(run: _Run) -> tuple[list[str], list[str], dict]:
+async def _collect(run: AsyncRun) -> tuple[list[str], list[str], dict]:
     n = len(run.handles)
     texts, reasons, completion = [""] * n, [""] * n, 0
     async for i, out in run:
@@ -256,7 +217,7 @@ async def _collect(run: _Run) -> tuple[list[str], list[str], dict]:
     return texts, reasons, _usage(sum(h.prompt_tokens for h in run.handles), completion)
 
 
-def _event_stream(run: _Run, head: dict, include_usage: bool, choice, first: Optional[dict] = None):
+def _event_stream(run: AsyncRun, head: dict, include_usage: bool, choice, first: Optional[dict] = None):
     """SSE: one chunk per output (``first`` before them: chat's role delta), an optional usage chunk,
     then [DONE]. If the client goes away, the generator is cancelled and so are the requests."""
     async def events() -> AsyncIterator[str]:

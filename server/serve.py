@@ -28,7 +28,7 @@ from remp_megatron.spec import ModelSpec
 from . import link, metrics
 from .config import ServerConfig
 from .engine_client import EngineClient
-from .frontend import Frontend, start_grpc
+from .frontend import Frontend, GrpcServer
 from .service import Service
 
 log = logging.getLogger("remp.server")
@@ -73,11 +73,11 @@ def serve(cfg: ServerConfig, nproc: int, torchrun_flags: list[str], port_file: O
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    health = None
+    grpc_server = None
 
     def on_serving(serving: bool) -> None:
-        if health is not None and not stop.is_set():
-            health.set_all(serving)
+        if grpc_server is not None and not stop.is_set():
+            grpc_server.set_serving(serving)
 
     client = EngineClient(cfg, spec, nproc, on_serving, profile)
     # The ranks start first: their start-up (imports, process groups) overlaps with the front end's.
@@ -89,8 +89,9 @@ def serve(cfg: ServerConfig, nproc: int, torchrun_flags: list[str], port_file: O
         tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
     client.set_eos([tokenizer.eos_token_id] if tokenizer is not None and tokenizer.eos_token_id is not None else [])
     service = Service(client, cfg, tokenizer, allow_fault_injection, shutdown=stop.set)
-    server, port, health = start_grpc(Frontend(service), cfg)
-    health.set_all(client.serving)
+    grpc_server = GrpcServer(Frontend(service), cfg)
+    grpc_server.set_serving(client.serving)
+    port = grpc_server.port
     ports = {"port": port}
     http = None
     if cfg.http_port is not None:
@@ -122,7 +123,7 @@ def serve(cfg: ServerConfig, nproc: int, torchrun_flags: list[str], port_file: O
 
     log.info("shutting down: admission closed, %d request(s) in flight", client.unfinished())
     service.accepting = False
-    health.enter_graceful_shutdown()
+    grpc_server.enter_graceful_shutdown()
     deadline = time.monotonic() + cfg.shutdown_grace_s
     while client.unfinished() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -134,7 +135,7 @@ def serve(cfg: ServerConfig, nproc: int, torchrun_flags: list[str], port_file: O
         log.warning("the ranks did not exit within 60 s of Shutdown: killing them")
         os.killpg(ranks.pid, signal.SIGKILL)
         code = ranks.wait()
-    server.stop(grace=5).wait()  # streams deliver their last chunk
+    grpc_server.stop(grace=5)  # streams deliver their last chunk
     if http is not None:
         http.stop()
     client.link.close()

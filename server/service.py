@@ -6,13 +6,14 @@ link); the in-process Python API gives an Engine, which admits and cancels alike
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
 import hmac
 import itertools
 import logging
 import threading
-from typing import Callable, Iterator, Mapping, Optional
+from typing import AsyncIterator, Callable, Iterator, Mapping, Optional
 
 from pydantic import ValidationError
 
@@ -242,3 +243,43 @@ class Service:
             raise ApiError(ErrorKind.UNAVAILABLE, "this server cannot be shut down remotely")
         log.info("shutdown requested over the Admin API")
         self.shutdown()
+
+
+class AsyncRun:
+    """The engine requests behind one API call (HTTP: one per prompt), read on an event loop. Outputs
+    reach the loop through a non-blocking sink: no thread per stream."""
+
+    def __init__(self, service: Service, loop: asyncio.AbstractEventLoop):
+        self.service, self.loop = service, loop
+        self.outputs: asyncio.Queue[tuple[int, StepOutput]] = asyncio.Queue()
+        self.handles = []
+
+    def submit(self, requests: list[Request]) -> None:
+        """All or nothing: if one is refused (queue full...), those already admitted are cancelled."""
+        try:
+            for i, req in enumerate(requests):
+                self.handles.append(self.service.submit(req, lambda out, i=i: self._deliver(i, out)))
+        except ApiError:
+            self.cancel()
+            raise
+
+    def _deliver(self, i: int, out: StepOutput) -> None:  # on the thread that produced it (the link's)
+        try:
+            self.loop.call_soon_threadsafe(self.outputs.put_nowait, (i, out))
+        except RuntimeError:  # the event loop is closed (server stopping): nobody is reading
+            pass
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, StepOutput]]:
+        pending = len(self.handles)
+        while pending:
+            i, out = await self.outputs.get()
+            if out.error:
+                raise ApiError(ErrorKind.UNAVAILABLE, out.error)
+            if out.finished:
+                pending -= 1
+                self.service.observe(self.handles[i], out.finish_reason.value)
+            yield i, out
+
+    def cancel(self) -> None:
+        for h in self.handles:  # False (harmless) for the ones already finished
+            self.service.cancel(h.request_id)

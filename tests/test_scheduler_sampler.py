@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from remp_megatron.request import SamplingParams, Sequence, Status
-from remp_megatron.sampler import sample_one
+from remp_megatron.sampler import sample
 from remp_megatron.scheduler import QueueFull, RequestTooLong, Scheduler, SchedulerConfig, StepPlan
 
 
@@ -88,18 +88,35 @@ def test_microbatches_cover_plan_in_order():
     assert plan.microbatches(1) == [plan]
 
 
+def _one(logits, params, seed, index):
+    return sample(logits[None], [(params, seed, index)])[0]
+
+
 def test_sampler_modes():
     logits = torch.tensor([0.0, 3.0, 2.9, -1.0])
-    assert sample_one(logits, SamplingParams(), 0, 0) == 1
-    assert sample_one(logits, SamplingParams(temperature=1.0, top_k=1), 5, 0) == 1
-    assert sample_one(logits, SamplingParams(temperature=1.0, top_p=0.01), 5, 0) == 1
+    assert _one(logits, SamplingParams(), 0, 0) == 1
+    assert _one(logits, SamplingParams(temperature=1.0, top_k=1), 5, 0) == 1
+    assert _one(logits, SamplingParams(temperature=1.0, top_p=0.01), 5, 0) == 1
     p = SamplingParams(temperature=1.0)
-    draws = [sample_one(logits, p, 42, i) for i in range(200)]
-    assert draws == [sample_one(logits, p, 42, i) for i in range(200)]  # seeded: reproducible
-    assert draws != [sample_one(logits, p, 43, i) for i in range(200)]
+    draws = [_one(logits, p, 42, i) for i in range(200)]
+    assert draws == [_one(logits, p, 42, i) for i in range(200)]  # seeded: reproducible
+    assert draws != [_one(logits, p, 43, i) for i in range(200)]
     assert {1, 2} <= set(draws)  # both likely tokens appear
     top2 = SamplingParams(temperature=1.0, top_k=2)
-    assert set(sample_one(logits, top2, 1, i) for i in range(100)) == {1, 2}
+    assert set(_one(logits, top2, 1, i) for i in range(100)) == {1, 2}
+
+
+def test_sampler_batch_is_each_row_alone():
+    """Greedy rows picked together, random ones drawn per row: the same tokens as one row at a
+    time, whatever the batch; a tie goes to the first of the maxima (as argmax)."""
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    logits[3, 7] = logits[3, 40] = logits[3].max() + 1  # a tie
+    greedy, warm = SamplingParams(), SamplingParams(temperature=0.8, top_k=20)
+    rows = [(greedy, 0, 0), (warm, 11, 0), (greedy, 0, 3), (greedy, 0, 1), (warm, 11, 1), (warm, 12, 5)]
+    batch = sample(logits, rows)
+    assert batch == [_one(logits[i], *row) for i, row in enumerate(rows)]
+    assert batch[0] == int(logits[0].argmax()) and batch[2] == int(logits[2].argmax()) and batch[3] == 7
+    assert sample(logits[[0, 2, 3]], [rows[0], rows[2], rows[3]]) == [batch[0], batch[2], 7]  # all greedy
 
 
 def test_sampling_params_validation():

@@ -174,6 +174,18 @@ def test_malformed_requests_get_invalid_argument(client, build, needle):
     assert client.generate([4, 5], max_new_tokens=1).finish_reason == "length"  # still serving
 
 
+@pytest.mark.parametrize("method", ["/remp.v1.Inference/Generate", "/remp.v1.Inference/GenerateStream"])
+def test_bytes_that_do_not_parse_get_invalid_argument(server, client, method):
+    call = grpc.insecure_channel(server.addr)
+    raw = (call.unary_stream if method.endswith("Stream") else call.unary_unary)(
+        method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    with call, pytest.raises(grpc.RpcError) as e:
+        list(raw(b"\xff\xff\x01", timeout=30)) if method.endswith("Stream") else raw(b"\xff\xff\x01", timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert method in e.value.details() and "does not parse" in e.value.details()
+    assert client.generate([4, 5], max_new_tokens=1).finish_reason == "length"  # still serving
+
+
 def test_rolled_back_switch_reports_why_and_serving_continues(client, reference):
     ids = prompts(4)
     results = [None] * 4
