@@ -281,5 +281,8 @@ class AsyncRun:
             yield i, out
 
     def cancel(self) -> None:
-        for h in self.handles:  # False (harmless) for the ones already finished
-            self.service.cancel(h.request_id)
+        """Cancel what is still running (the caller went away, or one request was refused); each
+        counts as cancelled in the metrics, since its final output is not read."""
+        for h in self.handles:
+            if self.service.cancel(h.request_id):  # False for the ones already finished
+                self.service.observe(h, FinishReason.CANCELLED.value)

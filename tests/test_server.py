@@ -52,6 +52,23 @@ def client(server):
         yield c
 
 
+@pytest.fixture(scope="module")
+def scrape(server):
+    """Reads the server's Prometheus metrics: {"name{labels}": value}."""
+    port = None
+    for line in server.log_path.read_text().splitlines():
+        if "metrics on" in line:
+            port = int(line.rsplit(":", 1)[1])
+    assert port, "server did not log its metrics port"
+
+    def read() -> dict[str, float]:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        return {name: float(value) for name, _, value in
+                (line.rpartition(" ") for line in body.splitlines() if line and not line.startswith("#"))}
+
+    return read
+
+
 def prompts(n):
     g = torch.Generator().manual_seed(5)
     return [torch.randint(3, 256, (int(torch.randint(4, 40, (1,), generator=g)),), generator=g).tolist()
@@ -211,13 +228,22 @@ def test_rolled_back_switch_reports_why_and_serving_continues(client, reference)
     assert client.status().topology == "TP2·PP2"
 
 
-def test_client_disconnect_cancels_and_frees_blocks(client):
+def test_client_disconnect_cancels_and_frees_blocks(client, scrape):
+    """A client that goes away (a stream it drops, a unary call past its deadline) cancels its
+    request: the blocks are freed and it counts as cancelled (a request run to its length, with
+    nobody reading, would count nowhere)."""
+    cancelled = 'remp_requests_total{finish_reason="cancelled"}'
+    before = scrape().get(cancelled, 0)
     call = client.stream([3, 1, 4, 1, 5], request_id="gone", max_new_tokens=250)
     next(call)
     wait_until(lambda: client.status().kv_blocks_used > 0, 10)  # load as of the core's last heartbeat (0.2 s)
     call.cancel()
+    with pytest.raises(grpc.RpcError) as e:
+        client.generate([2, 7, 1, 8], request_id="late", max_new_tokens=250, timeout=0.5)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_until(lambda: client.status().kv_blocks_used == 0 and client.status().running_requests == 0, 30)
-    assert client.cancel("gone") is False  # already cancelled by the disconnect
+    assert scrape().get(cancelled, 0) == before + 2
+    assert client.cancel("gone") is False and client.cancel("late") is False  # already cancelled
 
 
 def remp(*args, check=True):
@@ -240,18 +266,7 @@ def test_cli_against_live_server(server):
     assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr
 
 
-def test_metrics_endpoint(server, client):
-    port = None
-    for line in server.log_path.read_text().splitlines():
-        if "metrics on" in line:
-            port = int(line.rsplit(":", 1)[1])
-    assert port, "server did not log its metrics port"
-
-    def scrape() -> dict[str, float]:
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        return {name: float(value) for name, _, value in
-                (line.rpartition(" ") for line in body.splitlines() if line and not line.startswith("#"))}
-
+def test_metrics_endpoint(server, client, scrape):
     gauges = ("remp_running_requests", "remp_kv_blocks_used", "remp_queue_depth")
     wait_until(lambda: [scrape()[g] for g in gauges] == [0, 0, 0], 10)  # the last heartbeat's load: idle
     values = scrape()

@@ -124,6 +124,55 @@ def test_detokenizer_streams_hf_text_token_by_token(france):
         ref, skip_special_tokens=True)
 
 
+def test_incremental_detokenizer_equals_whole_decode(smol_mg):
+    """The decode window gives the same text as decoding the whole output, in chunks of 1-3 tokens
+    as the link delivers them: SmolLM2's byte-level BPE on random ids, a third of them bytes of a
+    multi-byte character (held back until completed), special tokens included; and a
+    SentencePiece-style tokenizer, whose tokens decode alone without their leading space."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from server.detokenizer import Detokenizer
+
+    def streamed(tok, ids: list[int]) -> str:
+        d, text, i = Detokenizer(tok, []), "", 0
+        while i < len(ids):
+            chunk = ids[i:i + rng.choice([1, 1, 2, 3])]
+            i += len(chunk)
+            text += d.add(chunk, i == len(ids))[0]
+        return text
+
+    rng = random.Random(0)
+    smol = AutoTokenizer.from_pretrained(str(smol_mg))
+    partial = [i for i in range(len(smol)) if smol.decode([i]).endswith("\ufffd")]
+    assert len(partial) > 50  # byte-level BPE: the bytes of multi-byte characters are tokens
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "\u2581hello", "\u2581world", "b"])},
+                                       unk_token="<unk>"))
+    words.pre_tokenizer, words.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    spiece = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>")
+    assert spiece.decode([1, 2]) == "hello world" and spiece.decode([2]) == "world"
+    for _ in range(200):
+        ids = [rng.choice(partial) if rng.random() < 0.3 else rng.randrange(len(smol)) for _ in range(rng.randrange(1, 120))]
+        assert streamed(smol, ids) == smol.decode(ids, skip_special_tokens=True), ids
+        ids = [rng.randrange(1, 4) for _ in range(rng.randrange(1, 20))]
+        assert streamed(spiece, ids) == spiece.decode(ids, skip_special_tokens=True), ids
+
+
+def test_no_part_of_a_stop_string_split_across_tokens_is_sent(smol_mg):
+    from transformers import AutoTokenizer
+
+    from server.detokenizer import Detokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smol_mg))
+    ids = tok.encode("hello world, this is fine")
+    assert tok.decode(ids[:1]) == "hello"  # the stop string "o wor" spans the first two tokens
+    d = Detokenizer(tok, ["o wor", "zz"])
+    sent = [d.add([t], False) for t in ids[:3]]
+    assert sent[:2] == [("hell", False), ("", True)]
+
+
 def test_full_admission_queue_is_resource_exhausted(server):
     with RempClient(server.addr, token=TOKEN) as c:
         fill(c, "long", [1, 2, 3, 4], 1000)
