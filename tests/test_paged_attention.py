@@ -2,13 +2,15 @@
 
 Steps mix prefill chunks (first and later chunks) and decodes with ragged lengths and
 scattered, non-contiguous block tables; the reference gathers each sequence's keys by position
-and runs one causal SDPA per sequence, the way the engine did before batching."""
+and runs one causal SDPA per sequence, the way the engine did before batching. Decodes run both
+ways: through the CPU kernel that reads the cache in place (cpu_kernels.py) and gathered into SDPA."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from remp_megatron import cpu_kernels
 from remp_megatron.kv_cache import KVCache
 from remp_megatron.paged_attention import AttentionMetadata, PagedAttention, Rotary, forward_context
 from remp_megatron.rope import RopeScaling, angle_table
@@ -47,11 +49,14 @@ def reference(query, k_cache, v_cache, starts, lens, tables, window=None):
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("blocks", ["scattered", "consecutive"])
-def test_batched_equals_per_sequence(starts, lens, window, dtype, blocks):
+@pytest.mark.parametrize("decodes", ["kernel", "sdpa"])
+def test_batched_equals_per_sequence(starts, lens, window, dtype, blocks, decodes):
     """fp64: the same math in another summation order, rounding only (1e-12). bf16 (its decodes
     take their own SDPA call): within two bf16 roundings (unit roundoff 2^-8) of max|v| — the
     probabilities and the output; scores accumulate in fp32 — of the fp64 result on the same
-    bf16 inputs (measured: 0.23 of that)."""
+    bf16 inputs (measured: 0.23 of that; the kernel keeps probabilities in fp32)."""
+    kernel = cpu_kernels.paged_decode() if decodes == "kernel" else None
+    assert decodes == "sdpa" or kernel is not None, "the CPU kernel did not build (see the log)"
     g = torch.Generator().manual_seed(sum(starts) + len(lens))
     # Scattered physical blocks, or in order (a lone sequence then attends on its blocks in place).
     perm = torch.randperm(BLOCKS, generator=g).tolist() if blocks == "scattered" else list(range(3, BLOCKS))
@@ -77,7 +82,7 @@ def test_batched_equals_per_sequence(starts, lens, window, dtype, blocks):
     if blocks == "consecutive":  # every lone sequence reads its keys in place, the others gather
         assert [g.first_block is not None for g in meta.groups] == [len(g.mask) == 1 for g in meta.groups]
     kv1 = KVCache(kv.buffer.expand(2, 2, *kv.buffer.shape[2:]).clone(), first_layer=0)
-    with forward_context(meta, kv1):
+    with forward_context(meta, kv1, decode_kernel=kernel):
         got = PagedAttention(_Cfg, 1, None, None)(q, k, v)
         full = PagedAttention(_Cfg, 2, None, None)(q, k, v)
     caches = [[c.double() for c in kv1.layer(i)] for i in (0, 1)]
@@ -100,3 +105,16 @@ def test_rotary_is_megatrons_unfused_rotary_bit_for_bit(dtype, mscale):
     angles = angle_table(RopeScaling(), DIM, 10000.0, 512)[torch.randint(0, 512, (24,), generator=g)]
     t = torch.randn(24, KV_HEADS, 3, DIM, generator=g).to(dtype)
     assert torch.equal(Rotary.of(angles, mscale, dtype)(t), _apply_rotary_pos_emb_bshd(t, angles, mscale=mscale))
+
+
+def test_without_a_compiler_the_kernel_is_none_and_says_why(tmp_path):
+    """Decodes then gather into SDPA (the path above with decodes="sdpa"); serving goes on."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": "/bin/false", cpu_kernels.ENABLE_ENV: "1"}
+    out = subprocess.run([sys.executable, "-c", "from remp_megatron import cpu_kernels; print(cpu_kernels.paged_decode())"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "None", out.stderr
+    assert "CPU paged-decode kernel unavailable, decodes gather K/V for SDPA" in out.stderr
