@@ -31,6 +31,23 @@ inline float load<c10::BFloat16>(c10::BFloat16 x) {  // a shift the compiler vec
   return r;
 }
 
+// exp of the softmax in float, in plain arithmetic so that its loop vectorises (glibc's vector
+// exp needs -ffast-math; the scalar one was a quarter of the kernel's time): 2^n * p(r), with
+// r = x - n ln2 in [-ln2/2, ln2/2] (ln2 in two parts) and p exp's Taylor polynomial of degree 6.
+// Relative error <= 2.5e-7 on [-87, 0] (checked against fp64), about 2 ulp.
+inline float softmax_exp(float x) {
+  x = std::max(x, -87.0f);  // inputs are <= 0; below this exp is under float's normal range
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.0f / 720;
+  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = p * r + c;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+inline double softmax_exp(double x) { return std::exp(x); }
+
 template <typename T>
 void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& table,
             const at::Tensor& lens, double scale, int64_t window, at::Tensor& out) {
@@ -71,7 +88,8 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         A* s = &scores[g * n];
         const A top = *std::max_element(s, s + n);
         A sum = 0;
-        for (int64_t j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - top));
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < n; ++j) sum += (s[j] = softmax_exp(s[j] - top));
         for (int64_t j = 0; j < n; ++j) s[j] /= sum;
       }
       std::fill(acc.begin(), acc.end(), A(0));
