@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -26,14 +27,14 @@ log = logging.getLogger("remp.kernels")
 ENABLE_ENV = "REMP_CPU_KERNELS"
 _NAME = "remp_paged_decode"
 _SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
-# -march=native: built where it runs. -fno-math-errno lets the softmax's exp vectorise.
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # -march=native: built where it runs
 _STALE_LOCK_S = 600  # a build lock this old was left by a process killed mid-build
 
 
 def _build_dir() -> Path:
-    """One folder per source, flags and torch version: a built library there is current."""
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), *_CFLAGS, torch.__version__]).encode()).hexdigest()[:16]
+    """One folder per source, flags, torch version and Python ABI: a built library there is current."""
+    parts = [_SOURCE.read_text(), *_CFLAGS, torch.__version__, sys.implementation.cache_tag]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     path = Path(root) / f"{_NAME}-{key}"
     path.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,6 @@
 // GEMMs that follow. Scores, softmax and the weighted sum accumulate in fp32 (fp64 for fp64).
 #include <torch/extension.h>
 
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
