@@ -5,8 +5,8 @@ REMP_CPU_KERNELS=0, callers fall back to plain torch ops.
 
 ``paged_decode`` (csrc/paged_decode.cpp): decode attention that reads K/V through the block
 table in place. The torch path gathers every sequence's blocks into a padded copy, then runs
-SDPA over it; at 32 SmolLM2 sequences the kernel takes an fp32 decode step from 103 to 89 ms and
-a bf16 one from 52 to 47 (docs/benchmarks.md).
+SDPA over it; at 32 SmolLM2 sequences the kernel takes an fp32 decode step from 107 to 93 ms and
+a bf16 one from 57-59 to 53-54 (scripts/profile_step.py; docs/benchmarks.md).
 """
 from __future__ import annotations
 
