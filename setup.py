@@ -14,6 +14,6 @@ setup(
         for line in (Path(__file__).parent / "requirements.txt").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ],
-    package_data={"server": ["proto/remp/v1/*.proto", "proto/remp/v1/*.py"], "remp_megatron": ["csrc/*.cpp"]},
+    package_data={"server": ["proto/remp/v1/*.proto", "proto/remp/v1/*.py"], "remp_megatron": ["csrc/*.cpp", "csrc/*.h"]},
     entry_points={"console_scripts": ["remp-convert=checkpoint_tools.convert:main", "remp=server.cli:main"]},
 )

@@ -3,10 +3,12 @@
 kept under TORCH_EXTENSIONS_DIR; ``make`` builds them with the venv). Without a compiler, or with
 REMP_CPU_KERNELS=0, callers fall back to plain torch ops.
 
-``paged_decode`` (csrc/paged_decode.cpp): decode attention that reads K/V through the block
-table in place. The torch path gathers every sequence's blocks into a padded copy, then runs
-SDPA over it; at 32 SmolLM2 sequences the kernel takes an fp32 decode step from 107 to 93 ms and
-a bf16 one from 57-59 to 53-54 (scripts/profile_step.py; docs/benchmarks.md).
+- ``paged_decode`` (csrc/paged_decode.cpp): decode attention that reads K/V through the block
+  table in place. The torch path gathers every sequence's blocks into a padded copy, then runs
+  SDPA over it; at 32 SmolLM2 sequences the kernel takes an fp32 decode step from 107 to 93 ms
+  and a bf16 one from 57-59 to 53-54 (scripts/profile_step.py; docs/benchmarks.md).
+- ``rms_norm``, ``add_rms_norm``, ``silu_mul``, ``rope_qk`` (csrc/pointwise.cpp): a layer's small
+  ops fused, one pass each instead of 3-6 torch ops (``fused.py`` chooses them or torch).
 """
 from __future__ import annotations
 
@@ -18,22 +20,24 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from types import ModuleType
+from typing import Optional
 
 import torch
 
 log = logging.getLogger("remp.kernels")
 
 ENABLE_ENV = "REMP_CPU_KERNELS"
-_NAME = "remp_paged_decode"
-_SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+_NAME = "remp_cpu_kernels"
+_SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+_HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # -march=native: built where it runs
 _STALE_LOCK_S = 600  # a build lock this old was left by a process killed mid-build
 
 
 def _build_dir() -> Path:
     """One folder per source, flags, torch version and Python ABI: a built library there is current."""
-    parts = [_SOURCE.read_text(), *_CFLAGS, torch.__version__, sys.implementation.cache_tag]
+    parts = [f.read_text() for f in _SOURCES + _HEADERS] + [*_CFLAGS, torch.__version__, sys.implementation.cache_tag]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     path = Path(root) / f"{_NAME}-{key}"
@@ -42,8 +46,9 @@ def _build_dir() -> Path:
 
 
 @functools.cache
-def paged_decode() -> Optional[Callable]:
-    """The kernel's function (its source says the arguments), or None where it cannot be had."""
+def kernels() -> Optional[ModuleType]:
+    """The built module (its functions: csrc/bindings.cpp; arguments: their sources), or None
+    where it cannot be had."""
     if os.environ.get(ENABLE_ENV, "1") == "0":
         return None
     t0 = time.monotonic()
@@ -61,17 +66,17 @@ def paged_decode() -> Optional[Callable]:
             if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
                 log.warning("removing a stale build lock %s", lock)
                 lock.unlink(missing_ok=True)
-            log.info("compiling the CPU paged-decode kernel into %s (once per machine, ~25 s)", build)
-            module = load(_NAME, [str(_SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+            log.info("compiling the CPU kernels into %s (once per machine, ~25 s)", build)
+            module = load(_NAME, [str(f) for f in _SOURCES], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
                           build_directory=str(build))
-            log.info("CPU paged-decode kernel built in %.1f s", time.monotonic() - t0)
+            log.info("CPU kernels built in %.1f s", time.monotonic() - t0)
     except Exception as e:  # no compiler, no headers, a full disk: the torch path still serves
         why = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-        log.warning("CPU paged-decode kernel unavailable, decodes gather K/V for SDPA: %s: %s", type(e).__name__, why)
+        log.warning("CPU kernels unavailable, the torch ops run instead: %s: %s", type(e).__name__, why)
         return None
-    return module.paged_decode
+    return module
 
 
 if __name__ == "__main__":  # `python -m remp_megatron.cpu_kernels`: build now (the Makefile does, once per venv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    paged_decode()
+    kernels()

@@ -19,6 +19,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from . import fused
 from .paged_attention import step_rotary
 
 
@@ -28,15 +29,15 @@ def run_decoder(block, hidden_states: torch.Tensor) -> torch.Tensor:
     reads the input of a later stage from ``set_input_tensor``; here the caller passes it)."""
     for layer in block.layers:
         hidden_states, _ = layer(hidden_states)
-    return hidden_states if block.final_layernorm is None else block.final_layernorm(hidden_states)
+    return hidden_states if block.final_layernorm is None else fused.rms_norm(block.final_layernorm, hidden_states)
 
 
 class InferenceTransformerLayer(TransformerLayer):
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, **_):
         # megatron's bias-dropout-add at inference, no bias (add_bias_linear is off): residual + out.
-        out, _ = self.self_attention(self.input_layernorm(hidden_states), attention_mask=attention_mask)
-        hidden_states = hidden_states + out
-        out, _ = self.mlp(self.pre_mlp_layernorm(hidden_states))
+        out, _ = self.self_attention(fused.rms_norm(self.input_layernorm, hidden_states), attention_mask=attention_mask)
+        normed, hidden_states = fused.add_rms_norm(self.pre_mlp_layernorm, out, hidden_states)
+        out, _ = self.mlp(normed)
         return hidden_states + out, None
 
 
@@ -57,19 +58,18 @@ class InferenceSelfAttention(SelfAttention):
         if self.qk_norm:  # before RoPE
             query = rotary(self.q_layernorm(qkv[:, :, :per_group]))
             key = rotary(self.k_layernorm(qkv[:, :, per_group:per_group + 1]))[:, :, 0]
+            query = query.reshape(tokens, -1, dim)
         else:
-            qk = rotary(qkv[:, :, :per_group + 1])  # queries and keys rotated in one go
-            query, key = qk[:, :, :per_group], qk[:, :, per_group]
-        out = self.core_attention(query.reshape(tokens, -1, dim), key, qkv[:, :, per_group + 1])
+            query, key = fused.rope_qk(rotary, qkv)
+        out = self.core_attention(query, key, qkv[:, :, per_group + 1])
         return self.linear_proj(out.view(tokens, 1, -1))
 
 
 class InferenceMLP(MLP):
     def forward(self, hidden_states: torch.Tensor, **_):
-        # A gated unit (SwiGLU for every model served): megatron's glu() without its clamp and offset.
+        # SwiGLU (every model served): megatron's glu() of silu without its clamp and offset.
         x, _ = self.linear_fc1(hidden_states)
-        gate, up = torch.chunk(x, 2, dim=-1)
-        return self.linear_fc2(self.config.activation_func(gate) * up)
+        return self.linear_fc2(fused.silu_mul(x))
 
 
 def check_supported(config) -> None:
@@ -77,6 +77,7 @@ def check_supported(config) -> None:
     unsupported = {
         "attention_output_gate": config.attention_output_gate,
         "gated_linear_unit=False": not config.gated_linear_unit,
+        "activation_func other than silu": config.activation_func is not torch.nn.functional.silu,
         "add_bias_linear": config.add_bias_linear,
         "activation_func_clamp_value": config.activation_func_clamp_value is not None,
         "glu_linear_offset": config.glu_linear_offset != 0.0,

@@ -58,7 +58,8 @@ class ModelRunner:
         # CPU SDPA has no fast fp16 kernel (2-2.5x slower than fp32 for prefill and decode): attend in fp32 there.
         self.attn_dtype = torch.float32 if device.type == "cpu" and spec.torch_dtype == torch.float16 \
             else spec.torch_dtype
-        self.decode_kernel = cpu_kernels.paged_decode() if device.type == "cpu" else None
+        kernels = cpu_kernels.kernels() if device.type == "cpu" else None
+        self.decode_kernel = kernels.paged_decode if kernels is not None else None
 
     def run_step(self, plan: StepPlan, driver: int = 0) -> Optional[torch.Tensor]:
         """Execute one step on this rank. On the driver rank returns fp32 logits (fp64 for an

@@ -114,23 +114,26 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor
 
 @dataclass
 class Rotary:
-    """RoPE of one step's tokens, cos and sin computed once for every layer ([T, 1, 1, dim], the
+    """RoPE of one step's tokens, cos and sin computed once for every layer ([T, dim], the
     model's dtype), applied by the attention to [T, groups, heads, dim] query and key heads.
     Megatron's unfused rotary is ``t * cos + rotate_half(t) * sin`` with rotate_half(t) =
     [-t2, t1]; here [t2, t1] (one ``roll``) times sin with its first half negated: the same
-    products, bit for bit, in fewer ops (megatron would also take cos and sin again in every layer)."""
+    products, bit for bit, in fewer ops (megatron would also take cos and sin again in every layer).
+    ``fused.rope_qk`` computes the same in one pass."""
 
     cos: torch.Tensor
     sin: torch.Tensor  # first half negated
 
     @classmethod
     def of(cls, angles: torch.Tensor, mscale: float, dtype: torch.dtype) -> "Rotary":
+        """``angles``: [T, ..., dim], megatron's rotary input for the step's positions."""
+        angles = angles.reshape(angles.shape[0], angles.shape[-1])
         sin = (torch.sin(angles) * mscale).to(dtype)
         half = sin.shape[-1] // 2
         return cls((torch.cos(angles) * mscale).to(dtype), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1))
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        return t * self.cos + t.roll(t.shape[-1] // 2, -1) * self.sin
+        return t * self.cos[:, None, None] + t.roll(t.shape[-1] // 2, -1) * self.sin[:, None, None]
 
 
 @dataclass

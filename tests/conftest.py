@@ -23,22 +23,25 @@ def cpu_kernels_built():
     world's ranks would otherwise build them inside its time bound."""
     from remp_megatron import cpu_kernels
 
-    cpu_kernels.paged_decode()
+    cpu_kernels.kernels()
 
 
-def run(cmd: list[str], timeout: float, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+def run(cmd: list[str], timeout: float, check: bool = True, env: dict[str, str] | None = None,
+        **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n{proc.stderr[-6000:]}")
     return proc
 
 
-def torchrun(script: str, nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """A torchrun world on loopback; a hang fails the test after ``timeout`` seconds."""
+def torchrun(script: str, nproc: int, args: list[str], timeout: float = 300,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """A torchrun world on loopback (``env``: variables to add); a hang fails the test after
+    ``timeout`` seconds."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(WORLDS / script), *map(str, args)]
-    return run(cmd, timeout)
+    return run(cmd, timeout, env=env)
 
 
 def convert(*args, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:

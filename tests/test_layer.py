@@ -9,7 +9,8 @@ from remp_megatron.layer import check_supported
 
 SUPPORTED = dict(attention_output_gate=False, gated_linear_unit=True, add_bias_linear=False,
                  activation_func_clamp_value=None, glu_linear_offset=0.0, no_rope_freq=None,
-                 use_te_activation_func=False, bias_activation_fusion=False)
+                 use_te_activation_func=False, bias_activation_fusion=False,
+                 activation_func=torch.nn.functional.silu)
 
 
 def test_a_plain_config_is_accepted():
@@ -18,7 +19,8 @@ def test_a_plain_config_is_accepted():
 
 @pytest.mark.parametrize("field,value", [("attention_output_gate", True), ("gated_linear_unit", False),
                                          ("add_bias_linear", True), ("glu_linear_offset", 1.0),
-                                         ("activation_func_clamp_value", 7.0), ("no_rope_freq", [1, 0])])
+                                         ("activation_func_clamp_value", 7.0), ("no_rope_freq", [1, 0]),
+                                         ("activation_func", torch.nn.functional.gelu)])
 def test_an_unsupported_config_is_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         check_supported(types.SimpleNamespace(**{**SUPPORTED, field: value}))

@@ -180,8 +180,25 @@ TINY_CASES = [(m, t) for m in TINY_MODELS for t in TINY_TOPOLOGIES] + [
 
 @pytest.mark.parametrize("which,topo", TINY_CASES)
 def test_tiny_logits_match_hf_fp64(which, topo, tiny_results, tiny_oracles):
-    """Exact to fp64 rounding: max|Δ| <= FP64_REL x max|ref| (module docstring)."""
-    assert_fp64_exact(load_ours(tiny_results, f"tiny-{which}", "float64", topo)["logits"], tiny_oracles[which].fp64)
+    """Exact to fp64 rounding: max|Δ| <= FP64_REL x max|ref| (module docstring), through the CPU
+    kernels (fused.py, cpu_kernels.py)."""
+    ours = load_ours(tiny_results, f"tiny-{which}", "float64", topo)
+    assert ours["cpu_kernels"]
+    assert_fp64_exact(ours["logits"], tiny_oracles[which].fp64)
+
+
+@pytest.mark.parametrize("which", ["llama", "qwen3"])  # qwen3: QK-norm, YaRN, a sliding window
+def test_without_the_cpu_kernels_the_torch_ops_match_hf_fp64(which, tiny_prompts, tiny_oracles, tmp_path, request):
+    """What a machine without a compiler runs (REMP_CPU_KERNELS=0 here): the same function."""
+    from remp_megatron import cpu_kernels
+
+    (tmp_path / "prompts.json").write_text(json.dumps(tiny_prompts))
+    torchrun("logits_world.py", 1, ["--models", request.getfixturevalue(f"{which}_mg"), "--topologies", "1x1",
+                                    "--dtypes", "float64", "--prompts", tmp_path / "prompts.json", "--out", tmp_path],
+             env={cpu_kernels.ENABLE_ENV: "0"}, timeout=300)
+    ours = load_ours(tmp_path, f"tiny-{which}", "float64", "1x1")
+    assert not ours["cpu_kernels"]
+    assert_fp64_exact(ours["logits"], tiny_oracles[which].fp64)
 
 
 @pytest.mark.parametrize("which,topo", [(m, t) for m, t in TINY_CASES if t in TINY_FP32_TOPOLOGIES])

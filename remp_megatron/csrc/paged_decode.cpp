@@ -6,45 +6,14 @@
 // the latter's inlined copy of torch's per-thread set-up would reset the calling thread's
 // kernel-thread count to the process default (1 off the kernel thread, threads.py) and halve the
 // GEMMs that follow. Scores, softmax and the weighted sum accumulate in fp32 (fp64 for fp64).
-#include <torch/extension.h>
+#include "common.h"
 
-#include <algorithm>
-#include <cmath>
-#include <cstring>
 #include <vector>
 
 namespace {
 
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-template <typename T>
-inline typename Acc<T>::type load(T x) { return static_cast<typename Acc<T>::type>(x); }
-
-template <>
-inline float load<c10::BFloat16>(c10::BFloat16 x) {  // a shift the compiler vectorises
-  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float r;
-  std::memcpy(&r, &bits, sizeof r);
-  return r;
-}
-
-// exp of the softmax in float, in plain arithmetic so that its loop vectorises (glibc's vector
-// exp needs -ffast-math; the scalar one was a quarter of the kernel's time): 2^n * p(r), with
-// r = x - n ln2 in [-ln2/2, ln2/2] (ln2 in two parts) and p exp's Taylor polynomial of degree 6.
-// Relative error <= 2.5e-7 on [-87, 0] (checked against fp64), about 2 ulp.
-inline float softmax_exp(float x) {
-  x = std::max(x, -87.0f);  // inputs are <= 0; below this exp is under float's normal range
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.0f / 720;
-  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = p * r + c;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-inline double softmax_exp(double x) { return std::exp(x); }
+using remp::Acc;
+using remp::load;
 
 template <typename T>
 void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& table,
@@ -87,7 +56,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         const A top = *std::max_element(s, s + n);
         A sum = 0;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < n; ++j) sum += (s[j] = softmax_exp(s[j] - top));
+        for (int64_t j = 0; j < n; ++j) sum += (s[j] = remp::exp_nonpositive(s[j] - top));
         for (int64_t j = 0; j < n; ++j) s[j] /= sum;
       }
       std::fill(acc.begin(), acc.end(), A(0));
@@ -140,8 +109,4 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
     decode<scalar_t>(qc, k_cache, v_cache, tc, lc, scale, window, out);
   });
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "decode attention from the paged KV cache (CPU)");
 }

@@ -6,8 +6,8 @@ place. ``--dtypes float64`` builds the model in fp64 from the same (fp32) checkp
 parity can be checked without fp32 rounding noise; a serving dtype (``bf16``, ``fp16``) goes
 through the server's own path (``EngineConfig.dtype``: cast at load). Rank 0 (the driver, which receives the
 last stage's logits) writes {out}/{model}__{dtype}__{topology.short}.pt:
-{"dtype": as served, "logits": [[len, vocab]...], "greedy": [[N ids]...]}; greedy decoding runs through the
-engine with EOS ignored.
+{"dtype": as served, "logits": [[len, vocab]...], "greedy": [[N ids]...], "cpu_kernels": whether the
+CPU kernels ran}; greedy decoding runs through the engine with EOS ignored.
 """
 import argparse
 import itertools
@@ -17,6 +17,7 @@ from typing import get_args
 
 import torch
 
+from remp_megatron import cpu_kernels
 from remp_megatron.config import EngineConfig
 from remp_megatron.engine import Engine
 from remp_megatron.worker import load_worker, worker_loop
@@ -61,7 +62,7 @@ def main():
                                dtype=dtype if serving else None)
             worker = load_worker(rt, spec, model_dir, topo, cfg)
             runner = worker.runner
-            result = {"dtype": worker.spec.dtype}  # as served
+            result = {"dtype": worker.spec.dtype, "cpu_kernels": cpu_kernels.kernels() is not None}
             if runner is not None:
                 # Every position's logits, prompts packed in one step (blocks after each other).
                 tables, nxt = [], 0
