@@ -308,3 +308,35 @@ def test_policy_switches_on_its_own_under_a_burst_and_replay_is_answered(server,
     client.set_policy(False)
     wait_until(lambda: not client.status().reconfiguring, 60)
     switch(client, 2, 2)
+
+
+def test_outputs_from_the_link_thread_reach_each_stream_in_order_with_one_wake_up():
+    """service._LoopInbox: outputs put from another thread before the loop runs arrive, per stream
+    in order, through one scheduled flush (one self-pipe write for a whole step's tokens)."""
+    import asyncio
+
+    from server.service import _LoopInbox
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        inbox = _LoopInbox.of(loop)
+        assert _LoopInbox.of(loop) is inbox
+        queues = [asyncio.Queue() for _ in range(4)]
+        wakes = []
+        real = loop.call_soon_threadsafe
+
+        def counted(*args):
+            wakes.append(args)
+            return real(*args)
+
+        loop.call_soon_threadsafe = counted
+        sender = threading.Thread(target=lambda: [inbox.put(queues[i % 4], (i, None)) for i in range(64)])
+        sender.start()
+        sender.join()  # the loop has not run in between: one wake-up for all 64
+        got = [[(await q.get())[0] for _ in range(16)] for q in queues]
+        assert got == [list(range(k, 64, 4)) for k in range(4)]
+        assert len(wakes) == 1
+        inbox.put(queues[0], (64, None))  # after a flush the next output wakes the loop again
+        assert (await queues[0].get())[0] == 64 and len(wakes) == 2
+
+    asyncio.run(main())
