@@ -1,5 +1,5 @@
 """CPU kernels this project compiles for the machine it runs on, on first use
-(torch.utils.cpp_extension: gcc and Python's headers; about 25 s on 2 cores, once per machine,
+(torch.utils.cpp_extension: gcc and Python's headers; about 40 s on 2 cores, once per machine,
 kept under TORCH_EXTENSIONS_DIR; ``make`` builds them with the venv). Without a compiler, or with
 REMP_CPU_KERNELS=0, callers fall back to plain torch ops.
 
@@ -66,7 +66,7 @@ def kernels() -> Optional[ModuleType]:
             if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
                 log.warning("removing a stale build lock %s", lock)
                 lock.unlink(missing_ok=True)
-            log.info("compiling the CPU kernels into %s (once per machine, ~25 s)", build)
+            log.info("compiling the CPU kernels into %s (once per machine, ~40 s)", build)
             module = load(_NAME, [str(f) for f in _SOURCES], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
                           build_directory=str(build))
             log.info("CPU kernels built in %.1f s", time.monotonic() - t0)
