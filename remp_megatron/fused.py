@@ -3,8 +3,9 @@ where it is built, else the torch ops it replaces (CUDA, no compiler, ``REMP_CPU
 
 In torch each of these is 3-6 ops, every one a parallel region and a temporary; at 32 decoding
 SmolLM2 sequences they were ~10 ms of a ~50 ms bf16 step (docs/benchmarks.md). The kernels round
-as HF's Llama modules do, so the two paths differ by the order of one fp32 sum (bf16: HF's two
-roundings in RMSNorm where torch's RMSNorm rounds once); tests/test_fused.py holds both to fp64.
+as HF's Llama modules do, so the two paths differ by fp32-level rounding (a sum's order, the exp,
+fused multiply-adds) and, in bf16, by HF's two roundings in RMSNorm where torch's RMSNorm rounds
+once; tests/test_fused.py holds both to fp64.
 """
 from __future__ import annotations
 

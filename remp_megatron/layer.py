@@ -56,9 +56,8 @@ class InferenceSelfAttention(SelfAttention):
         qkv = qkv.view(tokens, groups, per_group + 2, dim)
         rotary = step_rotary()
         if self.qk_norm:  # before RoPE
-            query = rotary(self.q_layernorm(qkv[:, :, :per_group]))
+            query = rotary(self.q_layernorm(qkv[:, :, :per_group])).reshape(tokens, -1, dim)
             key = rotary(self.k_layernorm(qkv[:, :, per_group:per_group + 1]))[:, :, 0]
-            query = query.reshape(tokens, -1, dim)
         else:
             query, key = fused.rope_qk(rotary, qkv)
         out = self.core_attention(query, key, qkv[:, :, per_group + 1])

@@ -4,8 +4,9 @@
 // ~50-70 us per RMSNorm against a few here.
 //
 // Rounding follows HF transformers' Llama modules op for op (each result rounded to the model's
-// dtype where HF's is; reductions in fp32, fp64 for fp64), so bf16 results equal HF's up to the
-// order of one fp32 sum. Rows are split over the calling thread's OpenMP team (see paged_decode.cpp
+// dtype where HF's is; reductions in fp32, fp64 for fp64). What differs from torch's ops is fp32-
+// or fp64-level only: the order of a sum, silu's exp (common.h), and in fp32 and fp64 the multiply-
+// adds the compiler fuses (one rounding fewer); bf16 and fp16 round every step as HF does. Rows are split over the calling thread's OpenMP team (see paged_decode.cpp
 // for why not at::parallel_for) when there are enough of them to pay for waking it.
 #include "common.h"
 
@@ -65,7 +66,7 @@ void silu_mul_rows(const T* x, T* y, int64_t rows, int64_t width) {
 }
 
 // Megatron's unfused RoPE as paged_attention.Rotary computes it: round(round(t * cos) +
-// round(t[(d + dim/2) % dim] * sin)), sin's first half negated. qkv [tokens, groups, per_group + 2,
+// round(t[(d + dim/2) % dim] * sin)), sin's first half negated (fp32/fp64: up to a fused multiply-add). qkv [tokens, groups, per_group + 2,
 // dim] (each KV head's query heads, its key, its value) -> query [tokens, groups * per_group, dim],
 // key [tokens, groups, dim], both rotated; the value stays where it is.
 template <typename T>
