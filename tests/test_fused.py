@@ -111,5 +111,7 @@ def test_the_kernels_name_what_is_wrong():
         k.rms_norm(x, torch.ones(576, dtype=torch.bfloat16), 1e-5)
     with pytest.raises(RuntimeError, match="silu_mul: the last dimension"):
         k.silu_mul(torch.randn(2, 5))
+    with pytest.raises(RuntimeError, match="silu_mul: x must have a last dimension of at least 1"):
+        k.silu_mul(torch.randn(2, 0))
     with pytest.raises(RuntimeError, match="rope_qk: cos and sin must be"):
         k.rope_qk(torch.randn(2, 1, 3, 8), torch.randn(3, 8), torch.randn(3, 8))

@@ -66,9 +66,10 @@ void silu_mul_rows(const T* x, T* y, int64_t rows, int64_t width) {
 }
 
 // Megatron's unfused RoPE as paged_attention.Rotary computes it: round(round(t * cos) +
-// round(t[(d + dim/2) % dim] * sin)), sin's first half negated (fp32/fp64: up to a fused multiply-add). qkv [tokens, groups, per_group + 2,
-// dim] (each KV head's query heads, its key, its value) -> query [tokens, groups * per_group, dim],
-// key [tokens, groups, dim], both rotated; the value stays where it is.
+// round(t[(d + dim/2) % dim] * sin)), sin's first half negated (fp32/fp64: up to a fused
+// multiply-add). qkv [tokens, groups, per_group + 2, dim] (each KV head's query heads, its key, its
+// value) -> query [tokens, groups * per_group, dim], key [tokens, groups, dim], both rotated; the
+// value stays where it is.
 template <typename T>
 void rope_rows(const T* qkv, const T* cos, const T* sin, T* query, T* key, int64_t tokens, int64_t groups,
                int64_t per_group, int64_t dim) {
@@ -93,6 +94,7 @@ void rope_rows(const T* qkv, const T* cos, const T* sin, T* query, T* key, int64
 
 void check_rows(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), op, ": ", name, " must be a contiguous CPU tensor");
+  TORCH_CHECK(t.dim() >= 1 && t.size(-1) > 0, op, ": ", name, " must have a last dimension of at least 1");
 }
 
 }  // namespace
