@@ -118,3 +118,49 @@ def test_without_a_compiler_the_kernel_is_none_and_says_why(tmp_path):
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "None", out.stderr
     assert "CPU kernels unavailable, the torch ops run instead" in out.stderr
+
+
+def _gamma(k: int, u: float) -> float:
+    return k * u / (1 - k * u)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim, group", [(64, 3), (128, 4), (16, 1), (32, 16),  # the AVX-512 path where there is one
+                                        (80, 2), (64, 17)])  # the portable one everywhere
+@pytest.mark.parametrize("block, window", [(16, 0), (32, 20), (8, 7)])
+def test_decode_kernel_is_within_its_rounding_of_fp64(dtype, dim, group, block, window):
+    """The decode kernel on its own, at the shapes its paths are chosen by, against fp64 attention
+    on the same inputs. The bound is the kernel's fp32 rounding (unit u = 2^-24) worked through:
+    scores off by E <= gamma_{dim+1} * scale * sum|q k| each, so every softmax weight by a factor
+    within exp(2E + 87u)(1 + 2.5e-7) = 1 + a (87: exp's range; 2.5e-7: its polynomial), the
+    probabilities by 2a + gamma_n, the weighted sum of n values by gamma_n more: within
+    (2a + 3 gamma_{n+1}) max|v|, plus one rounding of the output to ``dtype``."""
+    kernel = cpu_kernels.kernels()
+    assert kernel is not None, "the CPU kernel did not build (see the log)"
+    kv_heads, blocks = 2, 128
+    g = torch.Generator().manual_seed(dim * 100 + group + block)
+    lens = torch.tensor([1, 15, 16, 17, 33, 100, 3])
+    width = -(-int(lens.max()) // block)
+    table = torch.randperm(blocks, generator=g)[:len(lens) * width].view(len(lens), width)
+    k_cache, v_cache = (torch.randn(blocks, block, kv_heads, dim, generator=g, dtype=torch.float64).to(dtype)
+                        for _ in range(2))
+    q = torch.randn(len(lens), kv_heads * group, dim, generator=g, dtype=torch.float64).to(dtype)
+    scale = 1 / math.sqrt(dim)
+    got = kernel.paged_decode(q, k_cache, v_cache, table, lens, scale, window)
+
+    u = 2.0 ** -24
+    u_out = {torch.float32: u, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
+    for b, n in enumerate(lens.tolist()):
+        pos = torch.arange(max(0, n - window) if window else 0, n)
+        slots = table[b][pos // block] * block + pos % block
+        k = k_cache.flatten(0, 1)[slots].double().repeat_interleave(group, dim=1)  # [keys, heads, dim]
+        v = v_cache.flatten(0, 1)[slots].double().repeat_interleave(group, dim=1)
+        qb = q[b].double()
+        scores = torch.einsum("hd,khd->hk", qb, k) * scale
+        want = torch.einsum("hk,khd->hd", scores.softmax(-1), v)
+        e = _gamma(dim + 1, u) * scale * torch.einsum("hd,khd->hk", qb.abs(), k.abs()).max().item()
+        a = math.exp(2 * e + 87 * u) * (1 + 2.5e-7) - 1
+        vmax = v.abs().max().item()
+        bound = (2 * a + 3 * _gamma(len(pos) + 1, u)) * vmax + u_out * want.abs().max().item()
+        err = (got[b].double() - want).abs().max().item()
+        assert err <= bound, f"sequence {b} ({len(pos)} keys): error {err:.3g} > bound {bound:.3g}"
