@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -35,9 +36,20 @@ _CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # -march=native: built where it 
 _STALE_LOCK_S = 600  # a build lock this old was left by a process killed mid-build
 
 
+def _cpu_features() -> str:
+    """What -march=native compiles for: a library built on one CPU may not run on another sharing
+    the folder (AVX-512 code on a CPU without it: SIGILL)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
 def _build_dir() -> Path:
-    """One folder per source, flags, torch version and Python ABI: a built library there is current."""
-    parts = [f.read_text() for f in _SOURCES + _HEADERS] + [*_CFLAGS, torch.__version__, sys.implementation.cache_tag]
+    """One folder per source, flags, CPU features, torch version and Python ABI: a built library there is current."""
+    parts = [f.read_text() for f in _SOURCES + _HEADERS] + [*_CFLAGS, _cpu_features(), torch.__version__,
+                                                             sys.implementation.cache_tag]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     path = Path(root) / f"{_NAME}-{key}"

@@ -164,3 +164,12 @@ def test_decode_kernel_is_within_its_rounding_of_fp64(dtype, dim, group, block, 
         bound = (2 * a + 3 * _gamma(len(pos) + 1, u)) * vmax + u_out * want.abs().max().item()
         err = (got[b].double() - want).abs().max().item()
         assert err <= bound, f"sequence {b} ({len(pos)} keys): error {err:.3g} > bound {bound:.3g}"
+
+
+def test_the_kernels_build_folder_is_keyed_by_the_cpu(monkeypatch, tmp_path):
+    """-march=native code built on one CPU may not run on another that shares the folder."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert cpu_kernels._cpu_features().startswith("flags")  # Linux: /proc/cpuinfo's feature line
+    here = cpu_kernels._build_dir()
+    monkeypatch.setattr(cpu_kernels, "_cpu_features", lambda: "flags\t\t: fpu sse2")
+    assert cpu_kernels._build_dir() != here
