@@ -242,7 +242,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
             const at::Tensor& lens, double scale, int64_t window, at::Tensor& out) {
   const Cache<T> c{k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), k_cache.size(1), k_cache.size(2),
                    k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), table.size(1)};
-  const int64_t group = q.size(1) / k_cache.size(2), dim = q.size(2);
+  const int64_t group = q.size(1) / c.kv_heads, dim = q.size(2);
 #ifdef __AVX512F__
   if constexpr (HasAvx512<T>::value) {
     if (group <= kMaxGroup) {
@@ -275,8 +275,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "paged_decode: shapes");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
               "paged_decode: q, k and v must share a dtype");
-  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.strides() == k_cache.strides(),
-              "paged_decode: cache layout");
+  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.strides() == k_cache.strides(), "paged_decode: cache layout");
   TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0, "paged_decode: heads");
   TORCH_CHECK(table.scalar_type() == at::kLong && lens.scalar_type() == at::kLong && table.size(0) == q.size(0) &&
                   lens.numel() == q.size(0), "paged_decode: table and lens");
